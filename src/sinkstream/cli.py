@@ -1,0 +1,243 @@
+"""The ``sinkstream`` command: generate and chat (eval, bench and serve come with later issues)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and cache")
+    g.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
+    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    g.add_argument("--attn", default=None, help="attention implementation: sdpa (default) | eager")
+    g.add_argument("--sink", type=int, default=4, help="attention-sink tokens kept (default 4)")
+    g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON stats object as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sinkstream", description="Streaming LLM inference with attention sinks (StreamingLLM).")
+    p.add_argument("--version", action="version", version=f"sinkstream {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_common(g)
+    c = sub.add_parser("chat", help="multi-turn chat that streams far past its cache")
+    c.add_argument("--prompts", default=None, help="file with one user message per line (scripted rounds)")
+    c.add_argument("--system", default=None, help="system message")
+    _add_common(c)
+    return p
+
+
+def _validate(args) -> None:
+    if args.window <= 0:
+        raise UsageError(f"--window must be > 0, got {args.window}")
+    if args.sink < 0:
+        raise UsageError(f"--sink must be >= 0, got {args.sink}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be > 0, got {args.threads}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    from .models import DTYPES, ModelLoadError, resolve
+
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype '{args.dtype}'; choose one of {', '.join(DTYPES)}")
+    try:
+        resolve(args.model)
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from None
+    if args.command == "generate" and not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"prompt file '{path}' does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompt file '{path}': {e}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"prompt file '{path}' has no prompts")
+    return prompts
+
+
+def _setup(args):
+    import torch
+
+    from .engine import Engine, SamplingParams
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    except ValueError as e:  # unsupported family, unreadable model
+        raise UsageError(str(e)) from None
+    engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    return engine, params
+
+
+def _print_stats(engine, args, extra: dict | None = None) -> None:
+    stats = engine.summary() | (extra or {})
+    if args.json:
+        print(json.dumps(stats), flush=True)
+    else:
+        print(f"[{stats['tokens_seen']} tokens seen, {stats['tokens_cached']} cached (max "
+              f"{stats['max_cache_tokens']}/{stats['cache_capacity']}), {stats['tokens_per_s']} tokens/s, "
+              f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr, flush=True)
+
+
+def cmd_generate(args) -> int:
+    engine, params = _setup(args)
+    if args.chat:
+        from .chat import ChatSession
+
+        pieces = ChatSession(engine).send(args.prompt, params)
+    else:
+        ids = engine.tokenizer(args.prompt).input_ids
+        pieces = (t.text for t in engine.generate(ids, params))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print(flush=True)
+    _print_stats(engine, args, {"finish_reason": engine.stats.finish_reason})
+    return 0
+
+
+def _answer(session, message, params) -> None:
+    stream = session.send(message, params)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # stop the answer, not the session
+        stream.close()
+        session.engine.stats.finish_reason = "interrupted"
+        sys.stdout.write(" [interrupted]")
+    print(flush=True)
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    engine, params = _setup(args)
+    session = ChatSession(engine, system=args.system)
+    if prompts:
+        for i, message in enumerate(prompts, 1):
+            print(f"\n### round {i} · user: {message}\n### assistant: ", end="", flush=True)
+            _answer(session, message, params)
+            print(f"[seen {engine.tokens_seen} · cached {engine.tokens_cached}]", flush=True)
+        _print_stats(engine, args, {"rounds": len(prompts)})
+        return 0
+    return _repl(session, params, args)
+
+
+def _repl(session, params, args) -> int:
+    try:
+        import readline
+
+        hist = os.path.expanduser("~/.sinkstream_history")
+        try:
+            readline.read_history_file(hist)
+        except OSError:
+            pass
+    except ImportError:
+        readline = None
+    print("sinkstream chat — /reset starts over, /stats shows the cache, /quit or Ctrl-D leaves; "
+          "Ctrl-C stops an answer.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                message = input("you> ")
+            except KeyboardInterrupt:
+                print()
+                continue
+            except EOFError:
+                print()
+                break
+            cmd = message.strip()
+            if not cmd:
+                continue
+            if cmd in ("/quit", "/exit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                print("[conversation reset]", file=sys.stderr)
+                continue
+            if cmd == "/stats":
+                print(json.dumps(session.engine.summary() | {"turns": session.turns}), file=sys.stderr)
+                continue
+            print("bot> ", end="", flush=True)
+            _answer(session, message, params)
+    finally:
+        if readline is not None:
+            try:
+                readline.write_history_file(hist)
+            except OSError:
+                pass
+    _print_stats(session.engine, args, {"turns": session.turns})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _validate(args)
+        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except UsageError as e:
+        print(f"sinkstream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

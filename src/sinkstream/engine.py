@@ -1,0 +1,251 @@
+"""The streaming engine every front end uses: prefill, one decode step, sampling, generate().
+
+    engine = Engine(model, tokenizer, n_sink=4, window=1020)
+    for tok in engine.generate(prompt_ids, SamplingParams(max_new_tokens=64)):
+        print(tok.text, end="", flush=True)
+
+The cache is kept between calls, so a stream can go on for ever: each call prefills only the
+new tokens. RoPE positions stay bounded: every ~window tokens the cache is rebased (one
+re-rotation of the window), so positions never exceed ``n_sink + 2 * window``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import SinkCache
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Token:
+    """One generated token: its id, and the text it completes (may be empty while held back)."""
+
+    id: int
+    text: str
+
+
+@dataclass
+class Stats:
+    tokens_generated: int = 0
+    tokens_prefilled: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    max_cache_tokens: int = 0
+    rebases: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "interrupted"
+    extra: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick next tokens from ``logits`` [B, V] -> [B]."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Detokenizer:
+    """Incremental detokenization: emits text as it becomes final, holding back partial
+    characters and any tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # final text so far
+        self.emitted = 0
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.prefix, self.read = 0, 0  # offsets into ids, as in vLLM's incremental decoding
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (newly final text, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                return self._take(len(self.text)), True
+        return self._take(len(self.text) - self.hold), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted : upto], upto
+        return out
+
+
+class Engine:
+    """A model plus one streaming SinkCache (batch of one stream)."""
+
+    def __init__(self, model, tokenizer, n_sink: int = 4, window: int = 1020, *, prefill_chunk: int | None = None,
+                 rebase: bool = True):
+        if prefill_chunk is not None and prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
+        self.model, self.tokenizer = model, tokenizer
+        self.n_sink, self.window = n_sink, window
+        # a chunk evicts its own length before it is attended; half a window keeps >= window/2 context
+        self.prefill_chunk = min(prefill_chunk or max(1, window // 2), window)
+        self.rebase = rebase
+        self.device = next(model.parameters()).device
+        self.eos_ids = self._eos_ids()
+        self.stats = Stats()
+        self.reset()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return ids
+
+    def reset(self) -> None:
+        """Forget the stream: a fresh, empty cache."""
+        self.cache = SinkCache(self.n_sink, self.window, config=self.model.config)
+        self.last_logits: torch.Tensor | None = None
+        self.unfed: int | None = None  # the last sampled token, not yet fed to the model
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.cache.tokens_seen
+
+    @property
+    def tokens_cached(self) -> int:
+        return self.cache.tokens_cached
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids`` [1, q] (q <= window) through the model; return the last logits [1, V]."""
+        q = ids.shape[-1]
+        if self.rebase and self.cache.get_seq_length() + q > self.n_sink + 2 * self.window:
+            self.cache.rebase()  # amortized: one window re-rotation per ~window tokens
+            self.stats.rebases += 1
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, self.cache.tokens_cached)
+        self.last_logits = out.logits[:, -1]
+        return self.last_logits
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Stream ``ids`` through the cache in chunks; return the logits after the last one."""
+        if len(ids) == 0:
+            if self.last_logits is None:
+                raise ValueError("nothing to prefill: empty prompt on an empty stream")
+            return self.last_logits
+        t0 = time.perf_counter()
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]
+        for s in range(0, ids_t.shape[-1], self.prefill_chunk):
+            self.forward(ids_t[:, s : s + self.prefill_chunk])
+        self.stats.tokens_prefilled += len(ids)
+        self.stats.prefill_s += time.perf_counter() - t0
+        return self.last_logits
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """One decode step: feed one token, return the next logits."""
+        self.unfed = None
+        return self.forward(torch.tensor([[token_id]], device=self.device))
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[Token]:
+        """Prefill ``prompt_ids`` then yield tokens as they are sampled.
+
+        Stops on an EOS token (not yielded, not fed), a stop string (the text is cut before it),
+        or ``max_new_tokens``. The last sampled token is not fed to the model: the next call
+        feeds whatever the caller passes (a chat feeds the end-of-turn marker).
+        """
+        params = params or SamplingParams()
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        logits = self.prefill(prompt_ids)
+        self.unfed = None
+        detok = Detokenizer(self.tokenizer, params.stop)
+        self.stats.finish_reason = "length"
+        t0 = time.perf_counter()
+        try:
+            for i in range(params.max_new_tokens):
+                if i:
+                    logits = self.step(next_id)
+                next_id = int(sample(logits, params, gen)[0])
+                if next_id in self.eos_ids:
+                    self.stats.finish_reason = "stop"
+                    break
+                self.stats.tokens_generated += 1
+                self.unfed = next_id
+                text, hit = detok.add(next_id)
+                yield Token(next_id, text)
+                if hit:
+                    self.stats.finish_reason = "stop"
+                    break
+            tail = detok.flush()
+            if tail:
+                yield Token(-1, tail)
+        finally:
+            self.stats.decode_s += time.perf_counter() - t0
+            self.last_text = detok.text
+
+    def summary(self) -> dict:
+        """Stats of everything this engine did, as one JSON-able dict."""
+        s = self.stats
+        total_s = s.prefill_s + s.decode_s
+        return {
+            "tokens_generated": s.tokens_generated,
+            "tokens_prefilled": s.tokens_prefilled,
+            "tokens_seen": self.cache.tokens_seen,
+            "tokens_cached": self.cache.tokens_cached,
+            "max_cache_tokens": s.max_cache_tokens,
+            "cache_capacity": self.n_sink + self.window,
+            "tokens_per_s": round(s.tokens_generated / total_s, 2) if total_s else 0.0,
+            "decode_tokens_per_s": round(s.tokens_generated / s.decode_s, 2) if s.decode_s else 0.0,
+            "prefill_tokens_per_s": round(s.tokens_prefilled / s.prefill_s, 2) if s.prefill_s else 0.0,
+            "rebases": s.rebases,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }

