@@ -160,6 +160,16 @@ class SinkLayer(CacheLayerMixin):
         self.keys[:, :, : self.n_sk] = self.rope.rotate(self.sink_keys, delta)
         self.sink_delta = delta
 
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, rotary positions) of the cached tokens in cache order: sinks, then the
+        window oldest first. Keys are as attention sees them (sinks re-positioned)."""
+        k = torch.cat([self.keys[:, :, : self.n_sk], self._window_in_order(self.keys)], dim=-2)
+        v = torch.cat([self.values[:, :, : self.n_sk], self._window_in_order(self.values)], dim=-2)
+        oldest = self.seen - self.n_win - self.shift
+        pos = torch.cat([torch.arange(self.n_sk) + (oldest - self.n_sk if self.n_win else self.sink_pos),
+                         torch.arange(self.n_win) + oldest])
+        return k, v, pos
+
     def rebase(self) -> int:
         """Re-rotate the window so the oldest window key sits at position ``n_sink``; returns the shift."""
         if self.n_win == 0:

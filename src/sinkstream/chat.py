@@ -33,8 +33,17 @@ class ChatSession:
         full = self._render(self.messages + [{"role": "user", "content": message}], True)
         if full.startswith(self.fed_text):
             return full[len(self.fed_text) :]
-        # the template rewrote earlier text (e.g. it trims answers): feed what it adds for the new turn
-        return full[len(self._render(self.messages, False)) :]
+        # The template renders the history differently from what was fed (an answer cut at a stop
+        # string, a template that trims): close the last answer turn, then add the new turn.
+        user = {"role": "user", "content": message}
+        hist = self._render(self.messages, False)
+        delta = full[len(hist) :] if full.startswith(hist) else self._render([user], True)
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            before = self._render(self.messages[:-1], True)
+            turn, answer = hist[len(before) :], self.messages[-1]["content"]
+            if hist.startswith(before) and turn.startswith(answer):
+                delta = turn[len(answer) :] + delta
+        return delta
 
     def send(self, message: str, params: SamplingParams | None = None) -> Iterator[str]:
         """Stream the answer to ``message`` as text pieces. Interrupting the iteration keeps the
@@ -53,10 +62,11 @@ class ChatSession:
                 if tok.text:
                     yield tok.text
         finally:
-            # the last sampled token may not be in the cache yet: it is fed with the next turn
-            answer = self.engine.tokenizer.decode(generated, skip_special_tokens=True)
-            if self.engine.stats.finish_reason == "stop" and self.engine.last_text != answer:
-                answer = self.engine.last_text  # cut at a stop string
+            # the answer as the model wrote it (special tokens too), so that re-rendering the
+            # conversation reproduces what was fed; the last sampled token may not be fed yet
+            answer = self.engine.tokenizer.decode(generated, skip_special_tokens=False)
+            if self.engine.stop_hit:
+                answer = self.engine.last_text  # cut before the stop string
             self.messages.append({"role": "assistant", "content": answer})
             fed = generated[:-1] if generated and self.engine.unfed is not None else generated
             self.fed_text += self.engine.tokenizer.decode(fed, skip_special_tokens=False)

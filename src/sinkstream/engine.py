@@ -154,6 +154,7 @@ class Engine:
         self.cache = SinkCache(self.n_sink, self.window, config=self.model.config)
         self.last_logits: torch.Tensor | None = None
         self.unfed: int | None = None  # the last sampled token, not yet fed to the model
+        self.stop_hit = False  # the last generate() ended on a stop string
 
     @property
     def tokens_seen(self) -> int:
@@ -163,7 +164,7 @@ class Engine:
     def tokens_cached(self) -> int:
         return self.cache.tokens_cached
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` [1, q] (q <= window) through the model; return the last logits [1, V]."""
         q = ids.shape[-1]
@@ -207,6 +208,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         logits = self.prefill(prompt_ids)
         self.unfed = None
+        self.stop_hit = False
         detok = Detokenizer(self.tokenizer, params.stop)
         self.stats.finish_reason = "length"
         t0 = time.perf_counter()
@@ -223,6 +225,7 @@ class Engine:
                 text, hit = detok.add(next_id)
                 yield Token(next_id, text)
                 if hit:
+                    self.stop_hit = True
                     self.stats.finish_reason = "stop"
                     break
             tail = detok.flush()

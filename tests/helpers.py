@@ -1,0 +1,67 @@
+"""Tiny models and a character tokenizer built in the tests (no downloads)."""
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
+VOCAB = 100  # 3 specials + 96 characters + 1 unused
+
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+FAMILIES = ["llama", "llama-scaled", "mistral", "qwen2"]
+
+
+def tiny_config(family: str, layers: int = 2, **over):
+    """A tiny random config of ``family``."""
+    kw = dict(TINY, num_hidden_layers=layers, **over)
+    if family == "llama":
+        return LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
+    if family == "llama-scaled":  # rope scaling from config.rope_parameters
+        return LlamaConfig(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, **kw)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw)
+    if family == "qwen2":
+        return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", layers: int = 2, attn: str = "eager", seed: int = 0, **over):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, **over), attn_implementation=attn,
+                                             dtype=torch.float32)
+    with torch.no_grad():  # sharpen attention so that a wrong position or a missing key shows
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with a chat template; ids fit ``VOCAB``."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    return fast
+
+
+def random_ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB - 1, (1, n), generator=g)

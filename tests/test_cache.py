@@ -1,0 +1,175 @@
+"""SinkCache against references computed another way (tiny random models, fp32)."""
+
+import pytest
+import torch
+from helpers import random_ids, tiny_model
+from transformers import DynamicCache
+
+from sinkstream import SinkCache, UnsupportedModelError
+from sinkstream.engine import Engine
+
+
+def in_cache_tokens(t: int, n_sink: int, window: int) -> list[int]:
+    """Text indices of the tokens the newest token t attends to: sinks + the window ending at t."""
+    return list(range(min(n_sink, t + 1))) + list(range(max(n_sink, t - window + 1), t + 1))
+
+
+@torch.no_grad()
+def test_cache_larger_than_sequence_equals_plain_model(family):
+    model = tiny_model(family, layers=2)
+    ids = random_ids(60)
+    sink, dyn = SinkCache(4, 200, config=model.config), DynamicCache(config=model.config)
+    full = model(ids).logits[0]
+    for t in range(ids.shape[1]):
+        a = model(ids[:, t : t + 1], past_key_values=sink).logits[0, -1]
+        b = model(ids[:, t : t + 1], past_key_values=dyn).logits[0, -1]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, full[t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_sink", [0, 1, 4])
+@torch.no_grad()
+def test_one_layer_streaming_equals_recompute(family, n_sink):
+    """With one layer, KVs depend only on token and position, so every step must equal a
+    from-scratch forward over [sinks + window] at positions 0..n-1."""
+    window, steps = 28, (500 if family == "llama" else 300)
+    model = tiny_model(family, layers=1)
+    ids = random_ids(steps, seed=n_sink)
+    cache = SinkCache(n_sink, window, config=model.config)
+    for t in range(steps):
+        out = model(ids[:, t : t + 1], past_key_values=cache).logits[0, -1]
+        ref = model(ids[:, in_cache_tokens(t, n_sink, window)]).logits[0, -1]  # positions 0..n-1
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0, msg=f"step {t}")
+        assert cache.tokens_cached == min(t + 1, n_sink + window)
+    assert cache.tokens_seen == steps
+
+
+@torch.no_grad()
+def test_multi_layer_first_layer_kv_equal_fresh_computation(family):
+    model = tiny_model(family, layers=3)
+    n_sink, window = 4, 20
+    ids = random_ids(137)
+    cache = SinkCache(n_sink, window, config=model.config)
+    for t in range(ids.shape[1]):
+        model(ids[:, t : t + 1], past_key_values=cache)
+    keys, values, pos = cache.layers[0].contents()
+    kept = in_cache_tokens(ids.shape[1] - 1, n_sink, window)
+    fresh = DynamicCache(config=model.config)
+    model(ids[:, kept], position_ids=pos[None], past_key_values=fresh)
+    torch.testing.assert_close(keys, fresh.layers[0].keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, fresh.layers[0].values, atol=1e-5, rtol=0)
+    # in-cache positions: sinks right before the window, contiguous, newest last
+    assert pos.tolist() == list(range(int(pos[0]), int(pos[0]) + n_sink + window))
+
+
+@torch.no_grad()
+def test_generate_equals_engine_greedy():
+    model = tiny_model("llama", layers=2)
+    model.generation_config.eos_token_id = None  # compare 200 tokens without early stop
+    prompt = random_ids(12)
+    cache = SinkCache(4, 28, config=model.config)
+    out = model.generate(prompt, past_key_values=cache, max_new_tokens=230, do_sample=False)
+    engine = Engine(model, tokenizer=_NoTok(), n_sink=4, window=28)
+    engine.eos_ids = set()
+    toks = []
+    logits = engine.prefill(prompt[0].tolist())
+    for _ in range(230):
+        toks.append(int(logits.argmax(-1)))
+        logits = engine.step(toks[-1])
+    assert out[0, 12:].tolist() == toks
+    assert cache.tokens_seen == 12 + 229 and cache.tokens_cached == 32  # ran 200+ tokens past the window
+
+
+class _NoTok:
+    eos_token_id = None
+
+
+@torch.no_grad()
+def test_cache_bounded_over_5000_steps():
+    model = tiny_model("llama", layers=1, hidden_size=32, intermediate_size=32)
+    engine = Engine(model, _NoTok(), n_sink=4, window=16)
+    ids = random_ids(5000)[0].tolist()
+    max_len = max_pos = 0
+    for t in ids:
+        engine.step(t)
+        max_len = max(max_len, engine.cache.layers[0].keys.shape[-2], engine.tokens_cached)
+        max_pos = max(max_pos, engine.cache.get_seq_length())
+    assert engine.tokens_seen == 5000
+    assert engine.tokens_cached == 20 and max_len <= 20
+    assert max_pos <= 4 + 2 * 16  # the engine rebases: RoPE positions stay bounded
+    assert engine.stats.rebases > 100
+
+
+@torch.no_grad()
+def test_engine_rebase_stays_exact_one_layer():
+    """Across many rebases, every step still equals the from-scratch recompute."""
+    model = tiny_model("qwen2", layers=1)
+    n_sink, window = 4, 12
+    engine = Engine(model, _NoTok(), n_sink=n_sink, window=window)
+    ids = random_ids(400)
+    for t in range(ids.shape[1]):
+        out = engine.step(int(ids[0, t]))[0]
+        ref = model(ids[:, in_cache_tokens(t, n_sink, window)]).logits[0, -1]
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0, msg=f"step {t}")
+    assert engine.stats.rebases >= 30
+
+
+@torch.no_grad()
+def test_prompt_three_times_the_window():
+    n_sink, window = 4, 24
+    one = tiny_model("llama", layers=1)
+    ids = random_ids(3 * window + 5)
+    engine = Engine(one, _NoTok(), n_sink=n_sink, window=window)
+    logits = engine.prefill(ids[0].tolist())
+    assert engine.tokens_seen == ids.shape[1] and engine.tokens_cached == n_sink + window
+    t = ids.shape[1] - 1
+    ref = one(ids[:, in_cache_tokens(t, n_sink, window)]).logits[0, -1]
+    torch.testing.assert_close(logits[0], ref, atol=1e-4, rtol=0)
+    # a multi-layer model: bounded, and the decode after the prompt runs
+    deep = Engine(tiny_model("llama", layers=3), _NoTok(), n_sink=n_sink, window=window)
+    deep.prefill(ids[0].tolist())
+    deep.step(5)
+    assert deep.tokens_cached == n_sink + window and deep.tokens_seen == ids.shape[1] + 1
+    # a plain forward with more than a window at once is refused with a clear message
+    with pytest.raises(ValueError, match="chunks of at most"):
+        one(ids, past_key_values=SinkCache(n_sink, window, config=one.config))
+
+
+def _move_to_offset(cache: SinkCache, offset: int) -> None:
+    """Make the cache look as if ``offset`` more tokens had been streamed before the window:
+    window keys rotated to their positions there, tokens seen advanced."""
+    for layer in cache.layers:
+        win = layer.keys[:, :, layer.n_sink : layer.n_sink + layer.n_win]
+        win.copy_(layer.rope.rotate(win, offset))
+        layer.seen += offset
+        layer.sink_delta = None
+        layer._place_sinks()
+
+
+@torch.no_grad()
+def test_engine_at_offset_4_million_equals_offset_0():
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(200)[0].tolist()
+    a, b = (Engine(model, _NoTok(), n_sink=4, window=32) for _ in range(2))
+    for t in ids[:60]:
+        a.step(t)
+        b.step(t)
+    _move_to_offset(b.cache, 4_000_000)
+    assert b.tokens_seen == 4_000_060
+    for t in ids[60:]:
+        torch.testing.assert_close(b.step(t), a.step(t), atol=1e-4, rtol=0)
+    assert b.cache.get_seq_length() <= 4 + 2 * 32
+
+
+def test_bad_arguments_and_unsupported_family():
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(ValueError, match="window"):
+        SinkCache(4, 0, config=model.config)
+    with pytest.raises(ValueError, match="n_sink"):
+        SinkCache(-1, 8, config=model.config)
+    with pytest.raises(ValueError, match="config"):
+        SinkCache(4, 8)
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedModelError, match="absolute positions.*llama"):
+        SinkCache(4, 8, config=GPT2Config())

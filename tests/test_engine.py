@@ -1,0 +1,107 @@
+"""Engine: sampling, stop conditions, chat turns prefill only the new message."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model, tiny_tokenizer
+
+from sinkstream import ChatSession, Engine, SamplingParams
+from sinkstream.engine import Detokenizer, sample
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(tiny_model("llama", layers=2), tiny_tokenizer(), n_sink=4, window=32)
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5]])
+    assert sample(logits, SamplingParams(), None).item() == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1), None).item() == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=0.01), None).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g).item() for _ in range(200)}
+    assert draws == {1, 3}  # top-k keeps exactly the two best
+    g = torch.Generator().manual_seed(0)
+    p = logits.softmax(-1)[0]  # top_p=0.8: 1 (p≈.53) then 3 (p≈.32) reach 0.8; 2 and 0 are cut
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_p=0.8), g).item() for _ in range(300)}
+    assert draws == {1, 3} and p[1] < 0.8 <= p[1] + p[3]
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError):
+        SamplingParams(max_new_tokens=-1)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    ids = engine.tokenizer("Once upon a time").input_ids
+    params = SamplingParams(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7)
+    runs = []
+    for _ in range(2):
+        engine.reset()
+        runs.append([t.id for t in engine.generate(ids, params)])
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+def test_stop_string_cuts_text():
+    tok = tiny_tokenizer()
+    d = Detokenizer(tok, stop=["END"])
+    out, hit = "", False
+    for i in tok("abc ENx yz END tail").input_ids:
+        piece, hit = d.add(i)
+        out += piece
+        if hit:
+            break
+    assert hit and out + d.flush() == "abc ENx yz " and d.text == "abc ENx yz "
+
+
+def test_eos_stops_generation(engine):
+    ids = engine.tokenizer("hello").input_ids
+    engine.reset()
+    greedy = [t.id for t in engine.generate(ids, SamplingParams(max_new_tokens=5))]
+    saved = engine.eos_ids
+    engine.eos_ids = {greedy[2]}  # pretend the third greedy token is EOS
+    try:
+        engine.reset()
+        toks = [t.id for t in engine.generate(ids, SamplingParams(max_new_tokens=5)) if t.id >= 0]
+    finally:
+        engine.eos_ids = saved
+    assert toks == greedy[:2] and engine.stats.finish_reason == "stop"
+    assert engine.unfed is None  # every yielded token was fed before EOS was sampled
+
+
+def test_chat_turns_prefill_only_the_new_message(engine):
+    chat = ChatSession(engine)
+    history_tokens = 0
+    for i in range(12):  # 12 turns: far past the 36-token cache
+        message = f"question number {i}?"
+        before = engine.stats.tokens_prefilled
+        expected = len(engine.tokenizer(chat.new_turn_text(message), add_special_tokens=False).input_ids)
+        answer = "".join(chat.send(message, SamplingParams(max_new_tokens=10)))
+        prefilled = engine.stats.tokens_prefilled - before
+        assert prefilled == expected
+        # the new turn is the message plus template markers (and the unfed last answer token)
+        assert prefilled <= len(message) + 25
+        # the transcript keeps the answer as generated (special tokens too); the display skips them
+        content = chat.messages[-1]["content"]
+        tok = engine.tokenizer
+        assert tok.decode(tok(content, add_special_tokens=False).input_ids, skip_special_tokens=True) == answer
+        history_tokens += prefilled
+        assert engine.tokens_cached <= 36
+    assert engine.tokens_seen > 3 * 36
+    # everything fed is exactly the rendered conversation so far (nothing fed twice)
+    rendered = tiny_tokenizer().apply_chat_template(chat.messages, tokenize=False)
+    assert rendered.startswith(chat.fed_text)
+    assert json.loads(json.dumps(engine.summary()))["max_cache_tokens"] == 36
+
+
+def test_chat_after_a_stop_string_closes_the_turn(engine):
+    chat = ChatSession(engine)
+    first = "".join(chat.send("hello", SamplingParams(max_new_tokens=30)))
+    assert first  # greedy continuation of the tiny model
+    stop = first[2:4]
+    chat.reset()
+    cut = "".join(chat.send("hello", SamplingParams(max_new_tokens=30, stop=[stop])))
+    assert cut == first[: first.index(stop)] and engine.stop_hit
+    delta = chat.new_turn_text("next")
+    assert delta.startswith("</s>") and delta.endswith("<s>user: next</s><s>assistant: ")
