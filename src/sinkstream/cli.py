@@ -205,6 +205,8 @@ def _repl(session, params, args) -> int:
             if not cmd:
                 continue
             if cmd in ("/quit", "/exit"):
+                if not sys.stdin.isatty():
+                    print()  # end the echoed prompt line when input is piped
                 break
             if cmd == "/reset":
                 session.reset()

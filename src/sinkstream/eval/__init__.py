@@ -1,0 +1,1 @@
+"""Evaluation helpers (data fetching; perplexity and friends arrive with the evaluation issue)."""

