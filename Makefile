@@ -21,7 +21,7 @@ demo: $(STAMP)
 		--max-new-tokens 160 --threads 2 --seed 0 --json
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"  # CI budget allows the real-model test (~1 min)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

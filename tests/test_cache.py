@@ -173,3 +173,16 @@ def test_bad_arguments_and_unsupported_family():
 
     with pytest.raises(UnsupportedModelError, match="absolute positions.*llama"):
         SinkCache(4, 8, config=GPT2Config())
+
+
+@torch.no_grad()
+def test_sdpa_and_eager_agree_past_the_window():
+    ids = random_ids(200)
+    logits = {}
+    for attn in ("eager", "sdpa"):
+        model = tiny_model("mistral", layers=2, attn=attn)
+        engine = Engine(model, _NoTok(), n_sink=4, window=24)
+        first = engine.prefill(ids[0, :50].tolist())  # chunks with a materialized mask
+        steps = [engine.step(int(t))[0] for t in ids[0, 50:]]
+        logits[attn] = torch.cat([first, torch.stack(steps)])
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=1e-4, rtol=0)

@@ -29,9 +29,9 @@ def test_400_greedy_tokens_through_4_plus_60(smollm):
     assert len(set(ids[-200:])) > 20, text  # still fluent text far past the cache, not a collapse
     # until the first eviction, streaming is exactly dense greedy decoding
     model.generation_config.eos_token_id = None
-    dense = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):]
-    first = 64 - len(prompt)
-    assert ids[:first] == dense[:first].tolist()
+    first = 64 - len(prompt)  # tokens generated before the first eviction
+    dense = model.generate(torch.tensor([prompt]), max_new_tokens=first, do_sample=False)[0, len(prompt):]
+    assert ids[:first] == dense.tolist()
     cache = SinkCache(4, 60, config=model.config)
     out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=100, do_sample=False)
     assert cache.tokens_cached == 64 and out.shape[1] == len(prompt) + 100
