@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/sinkstream chat --prompts demo/prompts.txt --sink 4 --window 508 \
-		--max-new-tokens 160 --threads 2 --seed 0 --json
+		--max-new-tokens 200 --threads 2 --seed 0 --json
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"  # CI budget allows the real-model test (~1 min)

@@ -35,3 +35,17 @@ def test_400_greedy_tokens_through_4_plus_60(smollm):
     cache = SinkCache(4, 60, config=model.config)
     out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=100, do_sample=False)
     assert cache.tokens_cached == 64 and out.shape[1] == len(prompt) + 100
+
+
+def test_load_from_gguf_file_path_and_exported_folder(smollm, tmp_path):
+    from sinkstream.models import KNOWN_MODELS, export_model
+
+    known = KNOWN_MODELS["smollm2-135m"]
+    model, tok = load_model(str(known.folder() / known.gguf_file))
+    ref, _ = smollm
+    ids = torch.tensor([tok("A quick test of loading paths.").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=0, rtol=0)
+        folder = export_model(model, tok, tmp_path / "export")
+        again, _ = load_model(str(folder))
+        torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=0, rtol=0)
