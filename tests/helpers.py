@@ -2,7 +2,16 @@
 
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
@@ -20,7 +29,7 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-FAMILIES = ["llama", "llama-scaled", "mistral", "qwen2"]
+FAMILIES = ["llama", "llama-scaled", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox"]
 
 
 def tiny_config(family: str, layers: int = 2, **over):
@@ -34,6 +43,15 @@ def tiny_config(family: str, layers: int = 2, **over):
         return MistralConfig(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw)
     if family == "qwen2":
         return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw)
+    if family == "phi3":  # fused qkv, partial rotary
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        return Phi3Config(rope_parameters=rope, **kw)
+    if family == "gpt_neox":  # Pythia: partial rotary (rotary_pct), parallel residual, no GQA
+        kw.pop("num_key_value_heads")
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+        return GPTNeoXConfig(rope_parameters=rope, **kw)
     raise ValueError(family)
 
 
@@ -43,7 +61,7 @@ def tiny_model(family: str = "llama", layers: int = 2, attn: str = "eager", seed
                                              dtype=torch.float32)
     with torch.no_grad():  # sharpen attention so that a wrong position or a missing key shows
         for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight", "query_key_value.weight")):
                 p.mul_(8.0)
     return model.eval()
 

@@ -173,6 +173,11 @@ def test_bad_arguments_and_unsupported_family():
 
     with pytest.raises(UnsupportedModelError, match="absolute positions.*llama"):
         SinkCache(4, 8, config=GPT2Config())
+    from helpers import tiny_config
+
+    hybrid = tiny_config("qwen3", layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    with pytest.raises(UnsupportedModelError, match="layer types"):
+        SinkCache(4, 8, config=hybrid)
 
 
 @torch.no_grad()

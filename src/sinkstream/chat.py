@@ -30,12 +30,12 @@ class ChatSession:
 
     def new_turn_text(self, message: str) -> str:
         """The text to feed for ``message``: what the rendered conversation adds to what was fed."""
-        full = self._render(self.messages + [{"role": "user", "content": message}], True)
+        user = {"role": "user", "content": message}
+        full = self._render(self.messages + [user], True)
         if full.startswith(self.fed_text):
             return full[len(self.fed_text) :]
         # The template renders the history differently from what was fed (an answer cut at a stop
         # string, a template that trims): close the last answer turn, then add the new turn.
-        user = {"role": "user", "content": message}
         hist = self._render(self.messages, False)
         delta = full[len(hist) :] if full.startswith(hist) else self._render([user], True)
         if self.messages and self.messages[-1]["role"] == "assistant":

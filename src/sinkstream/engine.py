@@ -14,7 +14,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,7 +60,6 @@ class Stats:
     max_cache_tokens: int = 0
     rebases: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "interrupted"
-    extra: dict = field(default_factory=dict)
 
 
 def peak_rss_mb() -> float:

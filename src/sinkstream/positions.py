@@ -17,6 +17,9 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "llama": "Llama / SmolLM2 (RoPE)",
     "mistral": "Mistral (RoPE)",
     "qwen2": "Qwen2 / Qwen2.5 (RoPE)",
+    "qwen3": "Qwen3 (RoPE, q/k norm)",
+    "phi3": "Phi3 (RoPE, fused qkv)",
+    "gpt_neox": "GPT-NeoX / Pythia (partial rotary)",
 }
 # Families whose positions are learned absolute embeddings: streaming cannot re-position them.
 ABSOLUTE_POSITION_FAMILIES = {"gpt2", "opt", "gpt_bigcode", "gptj_absolute", "biogpt", "xglm"}
@@ -29,9 +32,15 @@ class UnsupportedModelError(ValueError):
 def check_supported(config) -> str:
     """Return the config's model_type, or raise a clear error naming the supported families."""
     model_type = getattr(config, "model_type", None)
-    if model_type in SUPPORTED_FAMILIES:
-        return model_type
     names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
+    if model_type in SUPPORTED_FAMILIES:
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise UnsupportedModelError(
+                f"model type '{model_type}' with layer types {sorted(kinds)} is not supported yet: "
+                "only models whose layers all use full attention are"
+            )
+        return model_type
     if model_type in ABSOLUTE_POSITION_FAMILIES:
         raise UnsupportedModelError(
             f"model type '{model_type}' uses learned absolute positions, which cannot be re-positioned "
@@ -77,8 +86,9 @@ def rope_for(config) -> Rope:
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     dim = _head_dim(config)
-    if rope_type == "default":
+    if rope_type == "default":  # as the models compute it, partial rotary included
         base = params["rope_theta"]
+        dim = int(dim * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     else:
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
