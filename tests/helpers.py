@@ -4,6 +4,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -29,7 +30,7 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-FAMILIES = ["llama", "llama-scaled", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox"]
+FAMILIES = ["llama", "llama-scaled", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "falcon-mq", "falcon-new"]
 
 
 def tiny_config(family: str, layers: int = 2, **over):
@@ -52,6 +53,13 @@ def tiny_config(family: str, layers: int = 2, **over):
         kw.pop("num_key_value_heads")
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
         return GPTNeoXConfig(rope_parameters=rope, **kw)
+    if family.startswith("falcon"):  # RoPE Falcon: multi-query (7B) or new decoder architecture (40B/180B)
+        for k in ("num_key_value_heads", "intermediate_size", "max_position_embeddings", "tie_word_embeddings"):
+            kw.pop(k)
+        new = family == "falcon-new"
+        return FalconConfig(alibi=False, multi_query=not new, new_decoder_architecture=new, num_kv_heads=2,
+                            parallel_attn=True, bias=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                            **kw)
     raise ValueError(family)
 
 

@@ -178,6 +178,10 @@ def test_bad_arguments_and_unsupported_family():
     hybrid = tiny_config("qwen3", layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=16)
     with pytest.raises(UnsupportedModelError, match="layer types"):
         SinkCache(4, 8, config=hybrid)
+    alibi_falcon = tiny_config("falcon-mq", layers=1)
+    alibi_falcon.alibi = True
+    with pytest.raises(UnsupportedModelError, match="ALiBi"):
+        SinkCache(4, 8, config=alibi_falcon)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen3": "Qwen3 (RoPE, q/k norm)",
     "phi3": "Phi3 (RoPE, fused qkv)",
     "gpt_neox": "GPT-NeoX / Pythia (partial rotary)",
+    "falcon": "Falcon (RoPE; multi-query and new decoder architecture)",
 }
 # Families whose positions are learned absolute embeddings: streaming cannot re-position them.
 ABSOLUTE_POSITION_FAMILIES = {"gpt2", "opt", "gpt_bigcode", "gptj_absolute", "biogpt", "xglm"}
@@ -34,6 +35,9 @@ def check_supported(config) -> str:
     model_type = getattr(config, "model_type", None)
     names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
     if model_type in SUPPORTED_FAMILIES:
+        if getattr(config, "alibi", False):
+            raise UnsupportedModelError(f"model type '{model_type}' with ALiBi positions is not supported yet; "
+                                        f"supported families: {names}")
         kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
             raise UnsupportedModelError(
