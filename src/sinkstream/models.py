@@ -137,15 +137,15 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
                 export_model(model, tokenizer, converted)
             except OSError as e:  # a read-only home is not fatal: load from GGUF each time
                 logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
-                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation)
+                if attn_implementation:
+                    model.set_attn_implementation(attn_implementation)
+                return _finish(model.to(torch_dtype), tokenizer, device)
         folder, gguf = converted, None
     model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
-    return _finish(model, tokenizer, device, attn_implementation)
+    return _finish(model, tokenizer, device)
 
 
-def _finish(model, tokenizer, device, attn_implementation):
-    if attn_implementation:
-        model.set_attn_implementation(attn_implementation)
+def _finish(model, tokenizer, device):
     check_supported(model.config)
     return model.to(device).eval(), tokenizer
 

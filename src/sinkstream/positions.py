@@ -7,7 +7,7 @@ was stored, so no error accumulates however often a sink is re-positioned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -53,25 +53,29 @@ def check_supported(config) -> str:
     raise UnsupportedModelError(f"model type '{model_type}' is not supported yet; supported families: {names}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Rope:
-    """Rotary layout of one model: inverse frequencies (float64) and the rotated width."""
+    """Rotary layout of one model: inverse frequencies (float64) and the rotated width.
+
+    One instance is shared by all layers of a cache; they re-position their sinks by the same
+    shift in the same step, so the cos/sin of the last shift are kept and reused."""
 
     inv_freq: torch.Tensor  # [rot_dim // 2] float64
     rot_dim: int
+    _last: tuple | None = field(default=None, repr=False)
 
-    def cos_sin(self, delta: torch.Tensor, device, dtype=torch.float32):
-        """cos/sin of shape [n, rot_dim] for position shifts ``delta`` [n] (rotate_half layout)."""
-        ang = delta.to(torch.float64)[:, None] * self.inv_freq.to(delta.device)[None, :]
-        ang = torch.cat((ang, ang), dim=-1)
-        return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+    def cos_sin(self, delta: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin of shape [n, rot_dim] for a shift of ``delta`` positions."""
+        key = (delta, n, device)
+        if self._last is None or self._last[0] != key:
+            ang = float(delta) * self.inv_freq  # float64: exact enough at any shift
+            ang = torch.cat((ang, ang)).expand(n, -1)
+            self._last = (key, ang.cos().float().to(device), ang.sin().float().to(device))
+        return self._last[1], self._last[2]
 
-    def rotate(self, k: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
-        """Move post-RoPE keys ``k`` [..., n, head_dim] by ``delta`` positions (int or [n] tensor)."""
-        n = k.shape[-2]
-        if not torch.is_tensor(delta):
-            delta = torch.full((n,), int(delta), dtype=torch.int64)
-        cos, sin = self.cos_sin(delta.expand(n), k.device)
+    def rotate(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move post-RoPE keys ``k`` [..., n, head_dim] by ``delta`` positions."""
+        cos, sin = self.cos_sin(int(delta), k.shape[-2], k.device)
         x = k.float()
         r = x[..., : self.rot_dim]
         half = self.rot_dim // 2
