@@ -107,3 +107,19 @@ def test_chat_repl(tiny_dir):
     assert proc.returncode == 0, proc.stderr
     assert "[conversation reset]" in proc.stderr and '"turns": 1' in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 1
+
+
+def test_export_round_trip(capsys, tiny_dir, tmp_path):
+    import torch
+
+    from sinkstream import load_model
+
+    rc, out, _ = run(capsys, "export", "--model", str(tiny_dir), "--out", str(tmp_path / "exported"))
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["exported"].endswith("exported")
+    a, tok = load_model(str(tiny_dir))
+    b, _ = load_model(str(tmp_path / "exported"))
+    ids = torch.tensor([tok("round trip").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=0, rtol=0)
+    rc, _, err = run(capsys, "export", "--model", str(tiny_dir))
+    assert rc == 2 and "--out" in err

@@ -1,4 +1,4 @@
-"""The ``sinkstream`` command: generate and chat (eval, bench and serve come with later issues)."""
+"""The ``sinkstream`` command: generate, chat, export (eval, bench and serve come with later issues)."""
 
 from __future__ import annotations
 
@@ -64,10 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", default=None, help="file with one user message per line (scripted rounds)")
     c.add_argument("--system", default=None, help="system message")
     _add_common(c)
+    e = sub.add_parser("export", help="write a model (e.g. a GGUF one) as a plain Hugging Face folder")
+    e.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
+    e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    e.add_argument("--out", required=True, help="output folder (replaced atomically)")
     return p
 
 
 def _validate(args) -> None:
+    from .models import DTYPES, ModelLoadError, resolve
+
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype '{args.dtype}'; choose one of {', '.join(DTYPES)}")
+    try:
+        resolve(args.model)
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from None
+    if args.command == "export":
+        return
     if args.window <= 0:
         raise UsageError(f"--window must be > 0, got {args.window}")
     if args.sink < 0:
@@ -78,14 +92,6 @@ def _validate(args) -> None:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    from .models import DTYPES, ModelLoadError, resolve
-
-    if args.dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype '{args.dtype}'; choose one of {', '.join(DTYPES)}")
-    try:
-        resolve(args.model)
-    except ModelLoadError as e:
-        raise UsageError(str(e)) from None
     if args.command == "generate" and not args.prompt.strip():
         raise UsageError("--prompt is empty")
 
@@ -227,12 +233,26 @@ def _repl(session, params, args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .models import export_model, load_model
+
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        folder = export_model(model, tokenizer, args.out)
+    except OSError as e:
+        raise UsageError(f"cannot write '{args.out}': {e}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps({"exported": str(folder), "model": args.model or "smollm2-135m", "dtype": args.dtype}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         _validate(args)
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export}[args.command](args)
     except UsageError as e:
         print(f"sinkstream: error: {e}", file=sys.stderr)
         return 2
