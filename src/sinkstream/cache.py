@@ -232,11 +232,6 @@ class SinkCache(Cache):
         """Tokens stored now (at most ``n_sink + window``)."""
         return self.layers[0].n_sk + self.layers[0].n_win if self.layers else 0
 
-    @property
-    def position_span(self) -> int:
-        """Rotary position the next token takes (bounded when ``rebase`` is called regularly)."""
-        return self.get_seq_length()
-
     def rebase(self) -> int:
         """Re-rotate all windows once so positions restart at ``n_sink``. Not for use under ``generate``."""
         shifts = {layer.rebase() for layer in self.layers}

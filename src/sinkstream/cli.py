@@ -88,10 +88,14 @@ def _validate(args) -> None:
         raise UsageError(f"--sink must be >= 0, got {args.sink}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be > 0, got {args.threads}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    from .engine import SamplingParams
+
+    try:  # SamplingParams holds the rules; report them with the option's name
+        args.params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    except ValueError as e:
+        field, rest = str(e).split(" ", 1)
+        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
     if args.command == "generate" and not args.prompt.strip():
         raise UsageError("--prompt is empty")
 
@@ -113,7 +117,7 @@ def _read_prompts(path: str) -> list[str]:
 def _setup(args):
     import torch
 
-    from .engine import Engine, SamplingParams
+    from .engine import Engine
     from .models import load_model
 
     if args.threads:
@@ -123,9 +127,7 @@ def _setup(args):
     except ValueError as e:  # unsupported family, unreadable model
         raise UsageError(str(e)) from None
     engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    return engine, params
+    return engine, args.params
 
 
 def _print_stats(engine, args, extra: dict | None = None) -> None:
