@@ -54,12 +54,14 @@ def test_multi_layer_first_layer_kv_equal_fresh_computation(family):
         model(ids[:, t : t + 1], past_key_values=cache)
     keys, values, pos = cache.layers[0].contents()
     kept = in_cache_tokens(ids.shape[1] - 1, n_sink, window)
-    fresh = DynamicCache(config=model.config)
+    if cache.layers[0].is_sliding:  # hybrid models: layer 0 keeps the model's own sliding window
+        kept = kept[-cache.layers[0].window :]
+    fresh = DynamicCache()  # plain full layers: keeps every key
     model(ids[:, kept], position_ids=pos[None], past_key_values=fresh)
     torch.testing.assert_close(keys, fresh.layers[0].keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(values, fresh.layers[0].values, atol=1e-5, rtol=0)
     # in-cache positions: sinks right before the window, contiguous, newest last
-    assert pos.tolist() == list(range(int(pos[0]), int(pos[0]) + n_sink + window))
+    assert pos.tolist() == list(range(int(pos[0]), int(pos[0]) + len(kept)))
 
 
 @torch.no_grad()
@@ -139,11 +141,12 @@ def _move_to_offset(cache: SinkCache, offset: int) -> None:
     """Make the cache look as if ``offset`` more tokens had been streamed before the window:
     window keys rotated to their positions there, tokens seen advanced."""
     for layer in cache.layers:
-        win = layer.keys[:, :, layer.n_sink : layer.n_sink + layer.n_win]
-        win.copy_(layer.rope.rotate(win, offset))
-        layer.seen += offset
-        layer.sink_delta = None
-        layer._place_sinks()
+        win = layer.keys[:, :, layer.n_sink :]
+        win.copy_(layer.rope.shift(win, offset))
+    for track in cache.tracks.values():
+        for r in track.rows:
+            r.seen += offset
+            r.sink_delta = None  # the next step re-places the sinks
 
 
 @torch.no_grad()
@@ -175,9 +178,15 @@ def test_bad_arguments_and_unsupported_family():
         SinkCache(4, 8, config=GPT2Config())
     from helpers import tiny_config
 
-    hybrid = tiny_config("qwen3", layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    odd = tiny_config("qwen3", layers=2)
+    odd.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(UnsupportedModelError, match="layer types"):
-        SinkCache(4, 8, config=hybrid)
+        SinkCache(4, 8, config=odd)
+    odd.layer_types, odd.sliding_window = ["sliding_attention"] * 2, 16
+    with pytest.raises(UnsupportedModelError, match="sliding window"):
+        SinkCache(4, 8, config=odd)
+    with pytest.raises(ValueError, match="sliding window"):  # Mistral slides on every layer
+        SinkCache(4, 60, config=tiny_config("mistral", layers=1, sliding_window=32))
     alibi_falcon = tiny_config("falcon-mq", layers=1)
     alibi_falcon.alibi = True
     with pytest.raises(UnsupportedModelError, match="ALiBi"):

@@ -1,189 +1,454 @@
 """SinkCache: attention sinks + a rolling window, as a transformers ``Cache``.
 
-Layout of one layer (``cap = n_sink + window`` slots, preallocated once):
+Three layer layouts, one per kind of attention layer (all preallocated once, per batch row):
 
-    slots [0, n_sink)          the sink keys, re-positioned just before the oldest window key
-    slots [n_sink, cap)        the window, a ring buffer of the most recent keys
+``rope``     full-attention RoPE layers (``n_sink + window`` slots)
+             slots [0, n_sink): the sink keys, re-positioned just before the oldest window key;
+             slots [n_sink, cap): the window, a ring buffer of the most recent keys.
+``sliding``  the sliding-window layers of hybrid models (Gemma3, gpt-oss): a ring of the model's own
+             ``sliding_window`` keys, no sinks (the model never attends further back anyway).
+``alibi``    ALiBi layers (MPT, BLOOM), whose bias is read off the key *index*: the cache is kept
+             contiguous (``n_sink + 2 * window`` slots). Evicting the oldest window key moves the
+             window's start by one and the ``n_sink`` sinks are copied right before it; every
+             ``window`` tokens the block is compacted back to the front (amortized O(1)).
 
-Positions. Every token gets its rotary position when the model computes its key; the cache
-never re-rotates window keys on a decode step. The query and the window keep the distances they
-have in the text (the window is contiguous), and only the ``n_sink`` sink keys are rotated so
-that their distance to the query is the in-cache distance: they sit right before the oldest
-window key. A decode step therefore writes one slot and rotates ``n_sink`` keys: O(1) per token.
+Positions (RoPE). Every token gets its rotary position when the model computes its key; window keys
+are never re-rotated on a decode step. The query and the window keep the distances they have in the
+text (the window is contiguous), and only the ``n_sink`` sink keys are rotated so that their distance
+to the query is the in-cache distance: they sit right before the oldest window key. A decode step
+writes one slot and rotates ``n_sink`` keys: O(1) per token.
 
-Frames. ``get_seq_length()`` is the rotary position the next token takes: the number of tokens
-seen minus ``shift``. ``shift`` stays 0 unless ``rebase()`` is called, which re-rotates the window
-once so positions restart small (the engine does that every ~window tokens, so RoPE angles stay
-bounded however long the stream runs). ``model.generate`` passes its own absolute positions: do
-not call ``rebase()`` on a cache used by ``generate``.
+Frames. ``get_seq_length()`` is the rotary position the next token takes: tokens seen minus
+``shift``. ``shift`` stays 0 unless ``rebase()`` is called, which re-rotates the windows once so
+positions restart small (the engine does that every ~window tokens, so RoPE angles stay bounded
+however long the stream runs). ``model.generate`` passes its own absolute positions: do not call
+``rebase()`` on a cache used by ``generate``.
+
+Batches. Every row of a batch has its own counters: rows may hold streams of different lengths
+(``SinkCache.stack`` joins single-stream caches, ``select_rows`` drops rows). A forward over rows of
+different lengths must feed one token per row and pass ``cache.position_ids()`` and
+``cache.attention_mask()``; the engine does.
+
+The bookkeeping of a layer kind (``Track``) is advanced once per forward, by the first layer of that
+kind; the other layers reuse its plan, so per-layer Python work is a few tensor writes.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .positions import Rope, rope_for
+from .positions import Rope, layer_kinds, rope_for
+
+
+@dataclass
+class Row:
+    """Counters of one stream (batch row) in one layer kind."""
+
+    seen: int = 0  # tokens seen (unbounded)
+    shift: int = 0  # rotary position = text index - shift
+    n_sk: int = 0  # sinks stored
+    n_win: int = 0  # window tokens stored
+    head: int = 0  # ring layouts: ring slot of the oldest window token
+    start: int = 0  # alibi layout: slot of the oldest window token
+    sink_pos: int = 0  # rotary position the first sink was computed at
+    sink_delta: int | None = 0  # rotation currently applied to the sink slots
+
+
+@dataclass
+class Plan:
+    """What every layer of a kind does in one forward (computed once, by the first layer)."""
+
+    q: int
+    kv_lo: int = 0  # the keys returned are slots [kv_lo, kv_hi)
+    kv_hi: int = 0
+    # decode (one token per row)
+    slot: int | None = None  # the slot of every row, when they agree
+    slots: torch.Tensor | None = None  # [B] otherwise
+    sink_rows: list[int] = field(default_factory=list)  # rows whose token becomes a sink
+    rot_rows: torch.Tensor | None = None  # rope: rows whose sinks move; alibi: rows whose sinks are re-copied
+    rot_all: bool = False
+    cos: torch.Tensor | None = None  # [R, 1, 1, rot_dim]
+    sin: torch.Tensor | None = None
+    compact: list[tuple[int, int, int]] = field(default_factory=list)  # alibi: (row, src, count)
+    # chunk (all rows alike)
+    take: int = 0  # tokens that become sinks
+    kept: int = 0  # old window tokens kept
+    old: Row | None = None  # the rows' counters before the chunk
+
+
+class Track:
+    """Per-row counters shared by the layers of one kind; advanced once per forward."""
+
+    def __init__(self, kind: str, n_sink: int, window: int, rope: Rope | None):
+        self.kind, self.n_sink, self.window, self.rope = kind, n_sink, window, rope
+        self.cap = n_sink + window if kind != "alibi" else n_sink + 2 * window
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[Row] = []
+        self.step = 0
+        self.plan: Plan | None = None
+
+    # -- views of the state ---------------------------------------------------------------------
+    def uniform(self) -> bool:
+        return all(r == self.rows[0] for r in self.rows[1:])
+
+    def span(self, r: Row) -> tuple[int, int]:
+        """Slots [lo, hi) holding row r's tokens (ring layouts: some slots may be of other rows' size)."""
+        if self.kind != "alibi":
+            return 0, r.n_sk + r.n_win
+        if r.n_sk < self.n_sink or r.n_win == 0:
+            return 0, r.n_sk
+        return r.start - self.n_sink, r.start + r.n_win
+
+    def view(self, rows: list[Row]) -> tuple[int, int]:
+        spans = [self.span(r) for r in rows]
+        return min(s[0] for s in spans), max(s[1] for s in spans)
+
+    def valid(self, r: Row, lo: int, hi: int) -> torch.Tensor:
+        """Bool [hi - lo]: which returned slots hold row r's tokens."""
+        idx = torch.arange(lo, hi)
+        if self.kind == "alibi":
+            a, b = self.span(r)
+            return (idx >= a) & (idx < b)
+        return (idx < r.n_sk) | ((idx >= self.n_sink) & (idx < self.n_sink + r.n_win))
+
+    def after(self, q: int) -> list[Row]:
+        """The rows' counters after feeding q tokens to each (pure)."""
+        rows = [copy.copy(r) for r in self.rows]
+        for r in rows:
+            self._advance_row(r, q)
+        return rows
+
+    def seq_length(self) -> int:
+        if not self.rows:
+            return 0
+        if self.kind == "alibi":  # positions are key indices: the next single token's index
+            lo, hi = self.view(self.after(1))
+            return hi - lo - 1
+        return max(r.seen - r.shift for r in self.rows)
+
+    def mask_sizes(self, q: int) -> tuple[int, int]:
+        if not self.rows:
+            return q, 0
+        self._check_chunk(q)
+        if self.kind != "alibi" and len(self.rows) > 1 and not self.uniform():
+            raise ValueError("SinkCache rows hold streams of different lengths: pass position_ids=cache.position_ids() "
+                             "and attention_mask=cache.attention_mask() (sinkstream's engine does)")
+        if self.kind == "sliding":
+            kv = max(min(r.n_win, self.window - 1) for r in self.rows) + q
+        else:
+            lo, hi = self.view(self.after(q))
+            kv = hi - lo
+        return kv, self.seq_length() + q - kv
+
+    # -- advancing ----------------------------------------------------------------------------
+    def split(self, r: Row, q: int) -> tuple[int, int]:
+        """How many of q new tokens become sinks, and how many enter the window."""
+        take = min(q, self.n_sink - r.n_sk)
+        return take, q - take
+
+    def _check_chunk(self, q: int) -> None:
+        if q == 1:
+            return
+        if len(self.rows) > 1 and not self.uniform():
+            raise ValueError(
+                "SinkCache rows hold streams of different lengths: feed them one token per row, with "
+                "cache.position_ids() and cache.attention_mask() (sinkstream's engine does)"
+            )
+        if self.kind != "sliding" and self.rows and q - self.split(self.rows[0], q)[0] > self.window:
+            raise ValueError(
+                f"SinkCache got a chunk of {q} tokens for a window of {self.window}: feed long inputs in "
+                f"chunks of at most {self.window} tokens (sinkstream's engine does)"
+            )
+
+    def _advance_row(self, r: Row, q: int) -> tuple[int, int]:
+        """Update r for q new tokens; return (kept old window tokens, alibi compaction source or -1)."""
+        take, w = self.split(r, q)
+        if take and r.n_sk == 0:
+            r.sink_pos = r.seen - r.shift
+            r.start = self.n_sink
+        r.n_sk += take
+        r.seen += q
+        src = -1
+        if self.kind == "sliding":
+            kept = min(r.n_win, self.window - 1) if q > 1 else r.n_win
+            if q == 1 and r.n_win == self.window:
+                r.head = (r.head + 1) % self.window
+            else:
+                r.n_win, r.head = min(self.window, kept + w), (r.head if q == 1 else 0)
+            return kept, src
+        kept = min(r.n_win, self.window - w)
+        if self.kind == "alibi":
+            r.start += r.n_win - kept
+            if w and r.start + kept + w > self.cap:
+                src, r.start = r.start, self.n_sink
+            r.n_win = kept + w
+            return kept, src
+        if q == 1 and w and r.n_win == self.window:
+            r.head = (r.head + 1) % self.window
+        elif q == 1:
+            r.n_win += w
+        else:
+            r.head, r.n_win = 0, kept + w
+        return kept, src
+
+    def sink_target(self, r: Row) -> int | None:
+        """Rotation that puts r's sinks right before its oldest window key (None: nothing to place)."""
+        if r.n_win == 0 or r.n_sk == 0:
+            return None
+        oldest = r.seen - r.n_win - r.shift
+        return oldest - r.n_sk - r.sink_pos
+
+    def plan_for(self, layer: "SinkLayer", batch: int, q: int) -> Plan:
+        if layer.step == self.step:  # the first layer of this kind in this forward
+            if not self.rows:
+                self.rows = [Row() for _ in range(batch)]
+            self._check_chunk(q)
+            self.plan = self._advance(q, layer.device)
+            self.step += 1
+        layer.step = self.step
+        return self.plan
+
+    def _advance(self, q: int, device) -> Plan:
+        plan = Plan(q)
+        if q > 1:
+            plan.old = copy.copy(self.rows[0])
+            plan.take = self.split(plan.old, q)[0]
+        slots, moved, deltas = [], [], []
+        for b, r in enumerate(self.rows):
+            before = copy.copy(r)
+            kept, src = self._advance_row(r, q)
+            plan.kept = kept
+            if q == 1:
+                slots.append(self._slot_of_new(before, r))
+                if before.n_sk < self.n_sink:
+                    plan.sink_rows.append(b)
+            if src >= 0:
+                plan.compact.append((b, src, kept))
+            if self.kind == "rope":
+                target = self.sink_target(r)
+                if target is not None and target != r.sink_delta:
+                    moved.append(b)
+                    deltas.append(target)
+                    r.sink_delta = target
+            elif self.kind == "alibi" and r.n_sk and r.n_win and self.span(r)[0] != self.span(before)[0] \
+                    and src < 0:
+                moved.append(b)
+        plan.kv_lo, plan.kv_hi = self.view(self.rows)
+        if q == 1:
+            if all(s == slots[0] for s in slots):
+                plan.slot = slots[0]
+            else:
+                plan.slots = torch.tensor(slots, device=device)
+        if moved:
+            plan.rot_all = len(moved) == len(self.rows)
+            plan.rot_rows = torch.tensor(moved, device=device)
+            if deltas:
+                plan.cos, plan.sin = self.rope.cos_sin(deltas, device)
+        return plan
+
+    def _slot_of_new(self, before: Row, after: Row) -> int:
+        """Slot of the one token a decode step wrote for a row (after its counters moved)."""
+        if before.n_sk < self.n_sink:
+            return before.n_sk
+        if self.kind == "alibi":
+            return after.start + after.n_win - 1
+        if self.kind == "sliding":
+            return (before.head + before.n_win) % self.window if before.n_win < self.window else before.head
+        if before.n_win < self.window:
+            return self.n_sink + (before.head + before.n_win) % self.window
+        return self.n_sink + before.head
 
 
 class SinkLayer(CacheLayerMixin):
-    """One attention layer's sinks + window."""
+    """One attention layer's sinks + window (its counters live in the shared ``Track``)."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, n_sink: int, window: int, rope: Rope | None):
+    def __init__(self, track: Track):
         super().__init__()
-        self.n_sink, self.window, self.rope = n_sink, window, rope
-        self.cap = n_sink + window
-        self.seen = 0  # tokens seen (unbounded)
-        self.shift = 0  # rotary position = text index - shift
-        self.n_sk = 0  # sinks stored
-        self.n_win = 0  # window tokens stored
-        self.head = 0  # ring slot (relative to the window area) of the oldest window token
-        self.sink_keys: torch.Tensor | None = None  # sinks as inserted, at rotary positions sink_pos..
-        self.sink_pos = 0
-        self.sink_delta = 0  # shift currently applied to the sink slots
+        self.track = track
+        self.is_sliding = track.kind == "sliding"
+        self.step = 0
+
+    @property
+    def n_sink(self) -> int:
+        return self.track.n_sink
+
+    @property
+    def window(self) -> int:
+        return self.track.window
+
+    @property
+    def rope(self) -> Rope | None:
+        return self.track.rope
 
     # -- transformers layer API ---------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((b, h, self.cap, d))  # [B, Hkv, cap, D]
-        self.values = value_states.new_zeros((b, h, self.cap, value_states.shape[-1]))
-        self.sink_keys = key_states.new_zeros((b, h, 0, d))
+        self.keys = key_states.new_zeros((b, h, self.track.cap, d))  # [B, Hkv, cap, D]
+        self.values = value_states.new_zeros((b, h, self.track.cap, value_states.shape[-1]))
+        self.sink_keys = key_states.new_zeros((b, h, self.n_sink, d))  # as computed, never re-rotated
+        self.sink_values = value_states.new_zeros((b, h, self.n_sink, value_states.shape[-1]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
-        take, w = self._split(q)
-        if take:
-            self.keys[:, :, self.n_sk : self.n_sk + take] = key_states[:, :, :take]
-            self.values[:, :, self.n_sk : self.n_sk + take] = value_states[:, :, :take]
-            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
-            if self.n_sk == 0:
-                self.sink_pos = self.seen - self.shift
-            self.n_sk += take
-        if w == 1 and q == 1:
-            self._ring_write(key_states, value_states)
-        elif w:
-            self._linear_write(key_states[:, :, take:], value_states[:, :, take:])
-        self.seen += q
-        self._place_sinks()
-        n = self.n_sk + self.n_win
-        return self.keys[:, :, :n], self.values[:, :, :n]
+        plan = self.track.plan_for(self, key_states.shape[0], key_states.shape[-2])
+        for b, src, n in plan.compact:  # alibi: the block reached the end of the buffer: move it to the front
+            for t, sinks in ((self.keys, self.sink_keys), (self.values, self.sink_values)):
+                t[b, :, self.n_sink : self.n_sink + n] = t[b, :, src : src + n].clone()
+                t[b, :, : self.n_sink] = sinks[b]
+        if plan.q > 1:
+            out = self._write_chunk(plan, key_states, value_states)
+            if out is not None:
+                return out
+        else:
+            self._write_one(plan, key_states, value_states)
+        if plan.rot_rows is not None:
+            self._place_sinks(plan)
+        return self.keys[:, :, plan.kv_lo : plan.kv_hi], self.values[:, :, plan.kv_lo : plan.kv_hi]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        take, w = self._split(query_length)
-        kv_length = self.n_sk + take + min(self.n_win, self.window - w) + w
-        kv_offset = self.get_seq_length() + query_length - kv_length
-        return kv_length, kv_offset
+        return self.track.mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
-        return self.seen - self.shift
+        return self.track.seq_length()
 
     def get_max_length(self) -> int:
-        return self.cap
+        return self.track.cap
 
     def reset(self) -> None:
-        self.__init__(self.n_sink, self.window, self.rope)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            idx = beam_idx.to(self.device)
-            self.keys, self.values = self.keys[idx], self.values[idx]
-            self.sink_keys = self.sink_keys[idx]
-
-    batch_select_indices = reorder_cache
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-            self.sink_keys = self.sink_keys.repeat_interleave(repeats, dim=0)
+        super().__init__()
+        self.track.reset()
+        self.step = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SinkCache cannot be cropped: evicted tokens are gone")
 
-    # -- internals ------------------------------------------------------------------------------
-    def _split(self, q: int) -> tuple[int, int]:
-        """How many of ``q`` new tokens become sinks, and how many enter the window."""
-        take = min(q, self.n_sink - self.n_sk)  # the stream's first tokens become the sinks
-        if q - take > self.window:
-            raise ValueError(
-                f"SinkCache got a chunk of {q} tokens for a window of {self.window}: feed long inputs in "
-                f"chunks of at most {self.window} tokens (sinkstream's engine does)"
-            )
-        return take, q - take
-
-    def _ring_write(self, k, v) -> None:
-        """Write one token into the window ring, evicting the oldest when full (no copy)."""
-        if self.n_win < self.window:
-            slot = (self.head + self.n_win) % self.window
-            self.n_win += 1
+    # -- writes -------------------------------------------------------------------------------
+    def _write_one(self, plan: Plan, k: torch.Tensor, v: torch.Tensor) -> None:
+        if plan.slot is not None:
+            self.keys[:, :, plan.slot] = k[:, :, 0]
+            self.values[:, :, plan.slot] = v[:, :, 0]
         else:
-            slot = self.head
-            self.head = (self.head + 1) % self.window
-        self.keys[:, :, self.n_sink + slot] = k[:, :, 0]
-        self.values[:, :, self.n_sink + slot] = v[:, :, 0]
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.keys[rows, :, plan.slots] = k[:, :, 0]
+            self.values[rows, :, plan.slots] = v[:, :, 0]
+        for b in plan.sink_rows:
+            s = plan.slot if plan.slot is not None else int(plan.slots[b])
+            self.sink_keys[b, :, s] = k[b, :, 0]
+            self.sink_values[b, :, s] = v[b, :, 0]
 
-    def _window_in_order(self, t: torch.Tensor) -> torch.Tensor:
-        win = t[:, :, self.n_sink : self.cap]
-        if self.head == 0:
-            return win[:, :, : self.n_win]
-        return torch.cat([win[:, :, self.head :], win[:, :, : self.head]], dim=-2)[:, :, : self.n_win]
+    def _in_order(self, t: torch.Tensor, old: Row) -> torch.Tensor:
+        """The window of a ring layout (all rows alike), oldest first."""
+        base = self.n_sink if self.track.kind == "rope" else 0
+        win = t[:, :, base : base + self.window]
+        if old.head:
+            win = torch.cat([win[:, :, old.head :], win[:, :, : old.head]], dim=-2)
+        return win[:, :, : old.n_win]
 
-    def _linear_write(self, k, v) -> None:
-        """Append a chunk: keep the most recent ``window - chunk`` tokens, lay the window out in order."""
+    def _write_chunk(self, plan: Plan, k: torch.Tensor, v: torch.Tensor):
+        """Append a chunk (all rows alike). Returns the keys/values to attend to when they are not a view."""
+        old, take, kept, kind = plan.old, plan.take, plan.kept, self.track.kind
+        if take:
+            for t, new in ((self.keys, k), (self.values, v), (self.sink_keys, k), (self.sink_values, v)):
+                t[:, :, old.n_sk : old.n_sk + take] = new[:, :, :take]
+        k, v = k[:, :, take:], v[:, :, take:]
         w = k.shape[-2]
-        kept = min(self.n_win, self.window - w)
-        old_k = self._window_in_order(self.keys)[:, :, self.n_win - kept :]
-        old_v = self._window_in_order(self.values)[:, :, self.n_win - kept :]
-        new_k, new_v = torch.cat([old_k, k], dim=-2), torch.cat([old_v, v], dim=-2)
+        if not w:
+            return None
+        if kind == "alibi":
+            r = self.track.rows[0]
+            end = r.start + r.n_win
+            self.keys[:, :, end - w : end] = k
+            self.values[:, :, end - w : end] = v
+            return None
+        new_k = torch.cat([self._in_order(self.keys, old)[:, :, old.n_win - kept :], k], dim=-2)
+        new_v = torch.cat([self._in_order(self.values, old)[:, :, old.n_win - kept :], v], dim=-2)
+        if kind == "sliding":  # attend to window-1 old keys + the chunk; keep the last `window`
+            n = min(self.window, new_k.shape[-2])
+            self.keys[:, :, :n] = new_k[:, :, -n:]
+            self.values[:, :, :n] = new_v[:, :, -n:]
+            return new_k, new_v
         self.keys[:, :, self.n_sink : self.n_sink + kept + w] = new_k
         self.values[:, :, self.n_sink : self.n_sink + kept + w] = new_v
-        self.head, self.n_win = 0, kept + w
+        return None
 
-    def _place_sinks(self) -> None:
-        """Rotate the sinks so they sit right before the oldest window key (in-cache distances)."""
-        if self.n_win == 0 or self.n_sk == 0:
-            return
-        oldest = self.seen - self.n_win - self.shift  # rotary position of the oldest window key
-        delta = oldest - self.n_sk - self.sink_pos
-        if delta == self.sink_delta:
+    def _place_sinks(self, plan: Plan) -> None:
+        """RoPE: rotate the sinks of the moved rows right before their oldest window key.
+        ALiBi: copy the sinks right before the window's new start."""
+        if self.track.kind == "alibi":
+            for b in plan.rot_rows.tolist():
+                lo = self.track.span(self.track.rows[b])[0]
+                self.keys[b, :, lo : lo + self.n_sink] = self.sink_keys[b]
+                self.values[b, :, lo : lo + self.n_sink] = self.sink_values[b]
             return
         if self.rope is None:
             raise ValueError("SinkCache needs the model config to re-position sinks: SinkCache(..., config=model.config)")
-        self.keys[:, :, : self.n_sk] = self.rope.rotate(self.sink_keys, delta)
-        self.sink_delta = delta
+        if plan.rot_all:
+            self.keys[:, :, : self.n_sink] = self.rope.rotate(self.sink_keys, plan.cos, plan.sin)
+        else:
+            rows = plan.rot_rows
+            self.keys[rows, :, : self.n_sink] = self.rope.rotate(self.sink_keys[rows], plan.cos, plan.sin)
 
-    def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, values, rotary positions) of the cached tokens in cache order: sinks, then the
-        window oldest first. Keys are as attention sees them (sinks re-positioned)."""
-        k = torch.cat([self.keys[:, :, : self.n_sk], self._window_in_order(self.keys)], dim=-2)
-        v = torch.cat([self.values[:, :, : self.n_sk], self._window_in_order(self.values)], dim=-2)
-        oldest = self.seen - self.n_win - self.shift
-        pos = torch.cat([torch.arange(self.n_sk) + (oldest - self.n_sk if self.n_win else self.sink_pos),
-                         torch.arange(self.n_win) + oldest])
+    # -- batch rows ---------------------------------------------------------------------------
+    def _tensors(self) -> list[str]:
+        return ["keys", "values", "sink_keys", "sink_values"]
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in self._tensors():
+                setattr(self, name, getattr(self, name)[idx.to(self.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("SinkCache does not support beam search")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("use SinkCache.select_rows")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("SinkCache does not support num_return_sequences > 1")
+
+    def rotate_rows(self, amounts: list[int]) -> None:
+        """RoPE layouts: re-rotate each row's window by ``-amounts[b]`` and re-place its sinks."""
+        if not self.is_initialized:
+            return
+        rows = [b for b, a in enumerate(amounts) if a]
+        cos, sin = self.rope.cos_sin([-amounts[b] for b in rows], self.device)
+        base = self.n_sink if self.track.kind == "rope" else 0
+        idx = torch.tensor(rows, device=self.device)
+        win = self.keys[idx, :, base : base + self.window]
+        self.keys[idx, :, base : base + self.window] = self.rope.rotate(win, cos, sin)
+        if self.track.kind == "rope" and self.n_sink:
+            deltas = [self.track.sink_target(self.track.rows[b]) or 0 for b in rows]
+            cos, sin = self.rope.cos_sin(deltas, self.device)
+            self.keys[idx, :, : self.n_sink] = self.rope.rotate(self.sink_keys[idx], cos, sin)
+
+    def contents(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions) of one row's cached tokens in cache order: sinks, then the window
+        oldest first. Keys are as attention sees them (sinks re-positioned). Positions are rotary
+        positions (RoPE) or key indices (ALiBi)."""
+        r, t = self.track.rows[row], self.track
+        if t.kind == "alibi":
+            lo, hi = t.span(r)
+            return self.keys[row : row + 1, :, lo:hi], self.values[row : row + 1, :, lo:hi], torch.arange(hi - lo)
+        base = self.n_sink if t.kind == "rope" else 0
+        order = [(r.head + i) % self.window + base for i in range(r.n_win)]
+        idx = torch.tensor(list(range(r.n_sk)) + order, dtype=torch.long, device=self.device)
+        k, v = self.keys[row : row + 1, :, idx], self.values[row : row + 1, :, idx]
+        oldest = r.seen - r.n_win - r.shift
+        first_sink = oldest - r.n_sk if r.n_win else r.sink_pos
+        pos = torch.cat([torch.arange(r.n_sk) + first_sink, torch.arange(r.n_win) + oldest])
         return k, v, pos
-
-    def rebase(self) -> int:
-        """Re-rotate the window so the oldest window key sits at position ``n_sink``; returns the shift."""
-        if self.n_win == 0:
-            return 0
-        amount = (self.seen - self.n_win - self.shift) - self.n_sk
-        if amount <= 0:
-            return 0
-        if self.rope is None:
-            raise ValueError("SinkCache needs the model config to rebase positions")
-        win = self.keys[:, :, self.n_sink : self.n_sink + self.n_win]
-        win.copy_(self.rope.rotate(win, -amount))
-        self.shift += amount
-        self._place_sinks()
-        return amount
 
 
 class SinkCache(Cache):
@@ -192,7 +457,8 @@ class SinkCache(Cache):
     Keeps the first ``n_sink`` tokens and the ``window`` most recent ones; every cached token is
     seen by attention at its position inside the cache. The newest token attends to at most
     ``n_sink + window`` keys, itself included. Use it as ``past_key_values`` in plain forward calls
-    or in ``model.generate``. ``config`` (the model's config) is needed to re-position the sinks.
+    or in ``model.generate``. ``config`` (the model's config) is needed to re-position the sinks
+    and to know which layers slide.
 
     Streaming does not extend the context: a token that left the window is gone.
     """
@@ -205,34 +471,115 @@ class SinkCache(Cache):
             raise ValueError(f"n_sink must be >= 0, got {n_sink}")
         if window <= 0:
             raise ValueError(f"window must be > 0, got {window}")
-        if config is None and n_sink > 0:
+        if config is None:
             raise ValueError(
                 "SinkCache needs the model's config to re-position the sinks: "
                 "SinkCache(n_sink, window, config=model.config)"
             )
-        self.n_sink, self.window = n_sink, window
-        rope = rope_for(config) if config is not None else None
-        if config is not None:
-            layers = [SinkLayer(n_sink, window, rope) for _ in range(config.num_hidden_layers)]
-            super().__init__(layers=layers)
-        else:
-            super().__init__(layer_class_to_replicate=lambda: SinkLayer(n_sink, window, None))
+        self.n_sink, self.window, self.config = n_sink, window, config
+        kinds = layer_kinds(config, n_sink + window)
+        self.tracks: dict[str, Track] = {}
+        for kind in dict.fromkeys(kinds):
+            if kind == "sliding":
+                self.tracks[kind] = Track(kind, 0, config.sliding_window, rope_for(config, "sliding_attention"))
+            elif kind == "alibi":
+                self.tracks[kind] = Track(kind, n_sink, window, None)
+            else:
+                self.tracks[kind] = Track(kind, n_sink, window, rope_for(config, "full_attention"))
+        super().__init__(layers=[SinkLayer(self.tracks[k]) for k in kinds])
+        self.main = self.tracks["alibi" if "alibi" in self.tracks else "rope"]
 
     @classmethod
     def for_model(cls, model, n_sink: int = 4, window: int = 1020) -> "SinkCache":
         return cls(n_sink, window, config=model.config)
 
+    # -- counters -----------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return len(self.main.rows)
+
+    @property
+    def seen_per_row(self) -> list[int]:
+        return [r.seen for r in self.main.rows]
+
+    @property
+    def cached_per_row(self) -> list[int]:
+        return [r.n_sk + r.n_win for r in self.main.rows]
+
     @property
     def tokens_seen(self) -> int:
-        """Tokens streamed through the cache so far (unbounded)."""
-        return self.layers[0].seen if self.layers else 0
+        """Tokens streamed through the cache so far (unbounded; the longest row of a batch)."""
+        return max(self.seen_per_row, default=0)
 
     @property
     def tokens_cached(self) -> int:
-        """Tokens stored now (at most ``n_sink + window``)."""
-        return self.layers[0].n_sk + self.layers[0].n_win if self.layers else 0
+        """Tokens stored now (at most ``n_sink + window``; the fullest row of a batch)."""
+        return max(self.cached_per_row, default=0)
+
+    # -- what a forward over rows of different lengths needs ----------------------------------
+    def position_ids(self, q: int = 1, device=None) -> torch.Tensor:
+        """[B, q] positions of the next q tokens of every row (RoPE frame; ALiBi ignores them)."""
+        start = torch.tensor([r.seen - r.shift for r in self.main.rows], device=device)
+        return start[:, None] + torch.arange(q, device=device)
+
+    def attention_mask(self, dtype=torch.float32, device=None):
+        """The mask of a one-token-per-row step: a 4D additive mask [B, 1, 1, kv] (a dict per layer type
+        for hybrid models; a 2D [B, kv] padding mask for ALiBi models, which build their bias from it)."""
+        masks = {}
+        for kind, track in self.tracks.items():
+            rows = track.after(1)
+            lo, hi = track.view(rows)
+            valid = torch.stack([track.valid(r, lo, hi) for r in rows]).to(device)
+            if kind == "alibi":
+                return valid.long()
+            m = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, torch.finfo(dtype).min)
+            masks["sliding_attention" if kind == "sliding" else "full_attention"] = m[:, None, None, :]
+        return masks if len(masks) > 1 else masks["full_attention"]
+
+    # -- rows ---------------------------------------------------------------------------------
+    @classmethod
+    def stack(cls, caches: list["SinkCache"]) -> "SinkCache":
+        """One batch cache whose rows are the given caches' rows, in order (their tensors are copied)."""
+        if not caches:
+            raise ValueError("nothing to stack")
+        first = caches[0]
+        for c in caches:
+            if (c.n_sink, c.window, type(c.config)) != (first.n_sink, first.window, type(first.config)):
+                raise ValueError("stacked caches must have the same n_sink, window and model")
+            if not all(layer.is_initialized for layer in c.layers):
+                raise ValueError("stacked caches must each have seen at least one token")
+        out = cls(first.n_sink, first.window, config=first.config)
+        for kind, track in out.tracks.items():
+            track.rows = [copy.copy(r) for c in caches for r in c.tracks[kind].rows]
+        for i, layer in enumerate(out.layers):
+            src = [c.layers[i] for c in caches]
+            layer.dtype, layer.device, layer.is_initialized = src[0].dtype, src[0].device, True
+            for name in src[0]._tensors():
+                setattr(layer, name, torch.cat([getattr(s, name) for s in src]))
+        return out
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only the given rows (in that order): finished streams leave a batch."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        for track in self.tracks.values():
+            track.rows = [copy.copy(track.rows[b]) for b in rows]
+        for layer in self.layers:
+            layer.select_rows(idx)
 
     def rebase(self) -> int:
-        """Re-rotate all windows once so positions restart at ``n_sink``. Not for use under ``generate``."""
-        shifts = {layer.rebase() for layer in self.layers}
-        return max(shifts) if shifts else 0
+        """Re-rotate every row's window once so its positions restart at ``n_sink``; returns the largest
+        shift. RoPE only (ALiBi has no positions to rebase). Not for use under ``generate``."""
+        if "rope" not in self.tracks:
+            return 0
+        main = self.tracks["rope"]
+        amounts = [max(0, r.seen - r.n_win - r.shift - r.n_sk) if r.n_win else 0 for r in main.rows]
+        if not any(amounts):
+            return 0
+        for track in self.tracks.values():
+            for r, a in zip(track.rows, amounts):
+                r.shift += a
+                if track.kind == "rope":
+                    r.sink_delta = track.sink_target(r)
+        for layer in self.layers:
+            layer.rotate_rows(amounts)
+        return max(amounts)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
+from .positions import ALIBI_FAMILIES
 
 
 @dataclass
@@ -67,8 +68,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick next tokens from ``logits`` [B, V] -> [B]."""
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Pick next tokens from ``logits`` [B, V] -> [B]. A list of generators gives each row its own."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
@@ -82,6 +84,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -135,6 +139,8 @@ class Engine:
         self.prefill_chunk = min(prefill_chunk or max(1, window // 2), window)
         self.rebase = rebase
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.alibi = getattr(model.config, "model_type", None) in ALIBI_FAMILIES
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
         self.reset()
@@ -166,14 +172,24 @@ class Engine:
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` [1, q] (q <= window) through the model; return the last logits [1, V]."""
+        return self._forward(self.cache, ids)
+
+    def _forward(self, cache: SinkCache, ids: torch.Tensor, rows_differ: bool = False) -> torch.Tensor:
         q = ids.shape[-1]
-        if self.rebase and self.cache.get_seq_length() + q > self.n_sink + 2 * self.window:
-            self.cache.rebase()  # amortized: one window re-rotation per ~window tokens
+        if self.rebase and cache.get_seq_length() + q > self.n_sink + 2 * self.window:
+            cache.rebase()  # amortized: one window re-rotation per ~window tokens
             self.stats.rebases += 1
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, self.cache.tokens_cached)
-        self.last_logits = out.logits[:, -1]
-        return self.last_logits
+        kw = {}
+        if rows_differ:  # streams of different lengths: per-row positions and mask
+            kw["attention_mask"] = cache.attention_mask(self.dtype, self.device)
+            if not self.alibi:
+                kw["position_ids"] = cache.position_ids(q, self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, cache.tokens_cached)
+        logits = out.logits[:, -1]
+        if cache is self.cache:
+            self.last_logits = logits
+        return logits
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Stream ``ids`` through the cache in chunks; return the logits after the last one."""
@@ -233,6 +249,63 @@ class Engine:
         finally:
             self.stats.decode_s += time.perf_counter() - t0
             self.last_text = detok.text
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]],
+                       params: SamplingParams | None = None) -> Iterator[tuple[int, Token]]:
+        """Independent streams decoded together: yields ``(prompt index, Token)`` as tokens come.
+
+        Each prompt is prefilled alone (exactly as ``generate`` would), then all rows decode in one
+        batched step per token, each at its own length and position; a row leaves the batch when it
+        stops. With a seed, every row gets its own generator seeded alike, so each row samples what it
+        would alone. The engine's own stream is reset."""
+        params = params or SamplingParams()
+        if not prompts:
+            return
+        caches, logits = [], []
+        for ids in prompts:
+            self.reset()
+            logits.append(self.prefill(ids))
+            caches.append(self.cache)
+        self.reset()
+        cache = SinkCache.stack(caches)
+        del caches
+        logits = torch.cat(logits)
+        gens = None
+        if params.seed is not None:
+            gens = [torch.Generator(device=self.device).manual_seed(params.seed) for _ in prompts]
+        rows = list(range(len(prompts)))  # prompt index of every live batch row
+        detoks = [Detokenizer(self.tokenizer, params.stop) for _ in prompts]
+        t0 = time.perf_counter()
+        try:
+            for i in range(params.max_new_tokens):
+                if i:
+                    logits = self._forward(cache, next_ids[:, None], rows_differ=len(rows) > 1)
+                next_ids = sample(logits, params, gens)
+                keep = []
+                for b, p in enumerate(rows):
+                    tid = int(next_ids[b])
+                    if tid in self.eos_ids:
+                        continue
+                    self.stats.tokens_generated += 1
+                    text, hit = detoks[p].add(tid)
+                    yield p, Token(tid, text)
+                    if not hit:
+                        keep.append(b)
+                if not keep or i == params.max_new_tokens - 1:
+                    break
+                if len(keep) < len(rows):  # finished streams leave the batch
+                    cache.select_rows(keep)
+                    next_ids = next_ids[keep]
+                    rows = [rows[b] for b in keep]
+                    if gens is not None:
+                        gens = [gens[b] for b in keep]
+            for p, d in enumerate(detoks):
+                tail = d.flush()
+                if tail:
+                    yield p, Token(-1, tail)
+        finally:
+            self.stats.decode_s += time.perf_counter() - t0
 
     def summary(self) -> dict:
         """Stats of everything this engine did, as one JSON-able dict."""
