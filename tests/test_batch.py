@@ -10,7 +10,7 @@ from sinkstream.positions import ALIBI_FAMILIES
 
 def _step(model, cache, ids, family):
     """One token per row, rows at different lengths: per-row positions and mask from the cache."""
-    kw = {"attention_mask": cache.attention_mask(torch.float32)}
+    kw = {"attention_mask": cache.attention_mask(torch.float32)}  # 4D (a dict for hybrids); 2D for ALiBi
     if family not in ALIBI_FAMILIES:
         kw["position_ids"] = cache.position_ids(ids.shape[-1])
     return model(ids, past_key_values=cache, **kw).logits[:, -1]
@@ -18,7 +18,17 @@ def _step(model, cache, ids, family):
 
 @torch.no_grad()
 def test_batch_equals_alone(family):
-    model = tiny_model(family, layers=2)
+    _batch_equals_alone(family, "eager")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
+def test_batch_equals_alone_sdpa(family):
+    _batch_equals_alone(family, "sdpa")
+
+
+@torch.no_grad()
+def _batch_equals_alone(family, attn):
+    model = tiny_model(family, layers=2, attn=attn)
     n_sink, window, steps = 4, 24, 70
     lengths = [3, 30, 75]  # one stream still filling its sinks, one mid-window, one far past it
     streams = [random_ids(n + steps, seed=i)[0] for i, n in enumerate(lengths)]

@@ -65,12 +65,23 @@ def test_multi_layer_first_layer_kv_equal_fresh_computation(family):
 
 
 @torch.no_grad()
-def test_generate_equals_engine_greedy():
-    model = tiny_model("llama", layers=2)
+def test_chunked_prefill_equals_plain_model(family):
+    """Chunks through a cache that holds every token (hybrid models: their sliding layers do evict)."""
+    model = tiny_model(family, layers=2)
+    ids = random_ids(61)
+    full = model(ids).logits[0]
+    cache = SinkCache(4, 200, config=model.config)
+    outs = [model(ids[:, s : s + 7], past_key_values=cache).logits[0] for s in range(0, ids.shape[1], 7)]
+    torch.testing.assert_close(torch.cat(outs), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_generate_equals_engine_greedy(family):
+    model = tiny_model(family, layers=2)
     model.generation_config.eos_token_id = None  # compare 200 tokens without early stop
     prompt = random_ids(12)
     cache = SinkCache(4, 28, config=model.config)
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=230, do_sample=False)
+    out = model.generate(prompt, past_key_values=cache, max_new_tokens=230, do_sample=False, use_cache=True)
     engine = Engine(model, tokenizer=_NoTok(), n_sink=4, window=28)
     engine.eos_ids = set()
     toks = []
@@ -117,9 +128,9 @@ def test_engine_rebase_stays_exact_one_layer():
 
 
 @torch.no_grad()
-def test_prompt_three_times_the_window():
+def test_prompt_three_times_the_window(family):
     n_sink, window = 4, 24
-    one = tiny_model("llama", layers=1)
+    one = tiny_model(family, layers=1)
     ids = random_ids(3 * window + 5)
     engine = Engine(one, _NoTok(), n_sink=n_sink, window=window)
     logits = engine.prefill(ids[0].tolist())
@@ -128,7 +139,7 @@ def test_prompt_three_times_the_window():
     ref = one(ids[:, in_cache_tokens(t, n_sink, window)]).logits[0, -1]
     torch.testing.assert_close(logits[0], ref, atol=1e-4, rtol=0)
     # a multi-layer model: bounded, and the decode after the prompt runs
-    deep = Engine(tiny_model("llama", layers=3), _NoTok(), n_sink=n_sink, window=window)
+    deep = Engine(tiny_model(family, layers=3), _NoTok(), n_sink=n_sink, window=window)
     deep.prefill(ids[0].tolist())
     deep.step(5)
     assert deep.tokens_cached == n_sink + window and deep.tokens_seen == ids.shape[1] + 1
@@ -194,11 +205,13 @@ def test_bad_arguments_and_unsupported_family():
 
 
 @torch.no_grad()
-def test_sdpa_and_eager_agree_past_the_window():
+def test_sdpa_and_eager_agree_past_the_window(family):
+    if not tiny_model(family, layers=1)._supports_sdpa:
+        pytest.skip(f"{family} has no SDPA attention in transformers (eager only)")
     ids = random_ids(200)
     logits = {}
     for attn in ("eager", "sdpa"):
-        model = tiny_model("mistral", layers=2, attn=attn)
+        model = tiny_model(family, layers=2, attn=attn)
         engine = Engine(model, _NoTok(), n_sink=4, window=24)
         first = engine.prefill(ids[0, :50].tolist())  # chunks with a materialized mask
         steps = [engine.step(int(t))[0] for t in ids[0, 50:]]

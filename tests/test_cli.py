@@ -123,3 +123,19 @@ def test_export_round_trip(capsys, tiny_dir, tmp_path):
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=0, rtol=0)
     rc, _, err = run(capsys, "export", "--model", str(tiny_dir))
     assert rc == 2 and "--out" in err
+
+
+def test_generate_batch_file_in_order(capsys, tiny_dir, prompts_file):
+    common = ["--model", str(tiny_dir), "--sink", "2", "--window", "12", "--max-new-tokens", "30"]
+    rc, out, _ = run(capsys, "generate", "--batch-file", str(prompts_file), *common, "--json")
+    assert rc == 0
+    lines = [json.loads(x) for x in out.strip().splitlines()]
+    rows, stats = lines[:-1], lines[-1]
+    assert [r["index"] for r in rows] == [1, 2, 3] and stats["batch_size"] == 3
+    assert all(r["tokens"] > 0 for r in rows)
+    assert [r["prompt"] for r in rows] == ["hello there", "how are you?", "third round"]
+    for r in rows:  # each row is what the prompt gives alone
+        rc, alone, _ = run(capsys, "generate", "--prompt", r["prompt"], *common)
+        assert rc == 0 and alone.rstrip("\n") == r["text"]
+    rc, _, err = run(capsys, "generate", "--batch-file", str(prompts_file), "--prompt", "x")
+    assert rc == 2 and "not allowed with" in err

@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sinkstream {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
-    g.add_argument("--prompt", required=True, help="prompt text")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--batch-file", help="file with one prompt a line: all decoded together as one batch; "
+                                          "outputs printed in order")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_common(g)
     c = sub.add_parser("chat", help="multi-turn chat that streams far past its cache")
@@ -96,8 +99,10 @@ def _validate(args) -> None:
     except ValueError as e:
         field, rest = str(e).split(" ", 1)
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
-    if args.command == "generate" and not args.prompt.strip():
+    if args.command == "generate" and args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty")
+    if args.command == "generate" and args.batch_file is not None:
+        args.prompts = _read_prompts(args.batch_file)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -140,7 +145,33 @@ def _print_stats(engine, args, extra: dict | None = None) -> None:
               f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr, flush=True)
 
 
+def _prompt_ids(engine, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return engine.tokenizer(text).input_ids
+    from .chat import ChatSession
+
+    return engine.tokenizer(ChatSession(engine).new_turn_text(text), add_special_tokens=False).input_ids
+
+
+def cmd_generate_batch(args) -> int:
+    engine, params = _setup(args)
+    ids = [_prompt_ids(engine, p, args.chat) for p in args.prompts]
+    texts, tokens = [""] * len(ids), [0] * len(ids)
+    for row, tok in engine.generate_batch(ids, params):
+        texts[row] += tok.text
+        tokens[row] += tok.id >= 0
+    for i, (prompt, text) in enumerate(zip(args.prompts, texts), 1):
+        if args.json:
+            print(json.dumps({"index": i, "prompt": prompt, "text": text, "tokens": tokens[i - 1]}), flush=True)
+        else:
+            print(f"### {i}: {prompt}\n{text}\n", flush=True)
+    _print_stats(engine, args, {"batch_size": len(ids)})
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.batch_file is not None:
+        return cmd_generate_batch(args)
     engine, params = _setup(args)
     if args.chat:
         from .chat import ChatSession
