@@ -139,3 +139,33 @@ def test_generate_batch_file_in_order(capsys, tiny_dir, prompts_file):
         assert rc == 0 and alone.rstrip("\n") == r["text"]
     rc, _, err = run(capsys, "generate", "--batch-file", str(prompts_file), "--prompt", "x")
     assert rc == 2 and "not allowed with" in err
+
+
+def test_eval_ppl_methods_files_and_bad_input(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    out = tmp_path / "ev"
+    rc, stdout, _ = run(capsys, "eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--tokens", "300",
+                        "--method", "streaming,dense,recompute", "--sink", "4", "--window", "28", "--stride", "10",
+                        "--chunk", "16", "--out", str(out), "--no-progress", "--json")
+    assert rc == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert set(summary["methods"]) == {"streaming 4+28", "dense", "recompute 28"}
+    assert summary["methods"]["recompute 28"]["targets"] == 30 and summary["common_targets"] == 30
+    assert summary["methods"]["streaming 4+28"]["exact_chunks"] is True
+    for f in ("nll_streaming_4+28.npy", "nll_dense.npy", "nll_recompute_28.npy", "ppl.png", "summary.json"):
+        assert (out / f).is_file()
+    rc, stdout, _ = run(capsys, "eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--tokens", "100",
+                        "--sink-prefix", "\\n\\n", "--window", "28", "--positions", "text", "--out", str(out),
+                        "--no-progress", "--json")
+    info = json.loads(stdout.strip().splitlines()[-1])
+    assert rc == 0 and info["methods"]["streaming 2+28 text-positions prefix-sinks"]["n_sink"] == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff\xfe not utf-8")
+    for argv, message in [(["--text", str(bad)], "not valid UTF-8"), (["--text", "/no/file"], "does not exist"),
+                          (["--text", str(text), "--method", "magic"], "unknown --method"),
+                          (["--text", str(text), "--stride", "0"], "--stride must be >= 1"),
+                          (["--text", str(text), "--window", "0"], "--window must be > 0"),
+                          (["--corpus", "gutenberg", "--text", str(text)], "not allowed with")]:
+        rc, stdout, err = run(capsys, "eval", "ppl", "--model", str(tiny_dir), *argv)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)

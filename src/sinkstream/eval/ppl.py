@@ -1,52 +1,167 @@
-"""Streaming perplexity: per-token negative log-likelihood of a text streamed through a SinkCache.
+"""Long-text perplexity: per-token negative log-likelihood of a text under one of three methods.
 
-The text is fed in chunks with every position's logits kept; a chunk of ``c`` tokens attends to the
-sinks, the ``window - c`` tokens before it and itself causally (the engine's prefill rule), so a
-small chunk is close to token-by-token decoding. Positions are rebased as the engine does.
+``streaming``  the text streams through ``n_sink`` sinks + a ``window`` (``n_sink=0``: plain window
+               attention). Computed exactly in chunks (``eval.exact``) where the family's attention
+               goes through transformers' interface, token by token through ``SinkCache`` otherwise.
+``dense``      a plain growing cache; past the model's maximum positions it is out of its training
+               range (reported), and it stops at ``dense_limit`` tokens (memory grows without bound).
+``recompute``  every target predicted by a from-scratch forward over the ``window`` preceding tokens
+               at positions 0..window-1 (the paper's quality and speed baseline); ``stride`` keeps it
+               affordable by evaluating every ``stride``-th target only.
+
+NLL arrays have one entry per target (token ``t + 1`` given tokens ``<= t``), NaN where not evaluated.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..cache import SinkCache
+from .exact import exact_stream_logits, supports_exact
+
+METHODS = ("streaming", "dense", "recompute")
+
+
+def _nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return (-lp.gather(1, targets[:, None])[:, 0]).double().cpu().numpy()
 
 
 @torch.no_grad()
-def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int = 64,
+def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int = 256, positions: str = "cache",
                   progress: bool = True) -> np.ndarray:
-    """NLL (nats, float64) of ``ids[1:]`` [N-1] given everything before, through sinks + window."""
-    if ids.dim() == 1:
-        ids = ids[None]
-    if not 0 < chunk <= window:
-        raise ValueError(f"chunk must be in [1, window], got {chunk}")
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    n = ids.shape[1]
-    cache = SinkCache(n_sink, window, config=model.config)
-    out = np.empty(n - 1, dtype=np.float64)
-    prev = None  # logits of the last token of the previous chunk
-    bar = tqdm(total=n, unit="tok", disable=not progress, desc=f"stream {n_sink}+{window}")
-    for s in range(0, n, chunk):
-        x = ids[:, s : s + chunk]
-        if cache.get_seq_length() + x.shape[1] > n_sink + 2 * window:
-            cache.rebase()
-        logits = model(x, past_key_values=cache, use_cache=True).logits[0].float()
-        if prev is not None:
-            logits = torch.cat([prev, logits])
-            first = s - 1
-        else:
-            first = 0
-        targets = ids[0, first + 1 : s + x.shape[1] + 1]
-        lp = torch.log_softmax(logits[: targets.shape[0]], dim=-1)
-        out[first : first + targets.shape[0]] = (-lp.gather(1, targets[:, None])[:, 0]).double().cpu().numpy()
-        prev = logits[-1:]
-        bar.update(x.shape[1])
+    """NLL of ``ids[1:]`` streamed through sinks + window, as token-by-token streaming gives it."""
+    ids = ids.reshape(-1)
+    n = ids.shape[0]
+    out = np.full(n - 1, np.nan)
+    bar = tqdm(total=n, unit="tok", disable=not progress, desc=f"streaming {n_sink}+{window}")
+    if supports_exact(model):
+        for s, logits in exact_stream_logits(model, ids, n_sink, window, chunk=min(chunk, window) or 1,
+                                             positions=positions):
+            c = logits.shape[0]
+            m = min(c, n - 1 - s)
+            if m > 0:
+                out[s : s + m] = _nll_rows(logits[:m], ids[s + 1 : s + 1 + m].to(logits.device))
+            bar.update(c)
+    else:
+        if positions != "cache":
+            raise ValueError(f"--positions text needs exact chunked evaluation, which {model.config.model_type} lacks")
+        device = next(model.parameters()).device
+        cache = SinkCache(n_sink, window, config=model.config)
+        for t in range(n - 1):
+            if cache.get_seq_length() + 1 > n_sink + 2 * window:
+                cache.rebase()
+            logits = model(ids[t : t + 1].to(device)[None], past_key_values=cache, use_cache=True).logits[0]
+            out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]
+            bar.update(1)
     bar.close()
     return out
 
 
+@torch.no_grad()
+def dense_nll(model, ids: torch.Tensor, chunk: int = 256, limit: int | None = None,
+              progress: bool = True) -> np.ndarray:
+    """NLL with a plain growing cache, up to ``limit`` tokens (NaN after)."""
+    from transformers import DynamicCache
+
+    ids = ids.reshape(-1)
+    n = ids.shape[0] if limit is None else min(ids.shape[0], limit)
+    device = next(model.parameters()).device
+    out = np.full(ids.shape[0] - 1, np.nan)
+    cache = DynamicCache(config=model.config)
+    for s in tqdm(range(0, n, chunk), disable=not progress, desc="dense", unit="chunk"):
+        x = ids[s : min(s + chunk, n)].to(device)[None]
+        logits = model(x, past_key_values=cache, use_cache=True).logits[0]
+        m = min(x.shape[1], ids.shape[0] - 1 - s)
+        if m > 0:
+            out[s : s + m] = _nll_rows(logits[:m], ids[s + 1 : s + 1 + m].to(device))
+    return out
+
+
+@torch.no_grad()
+def recompute_nll(model, ids: torch.Tensor, window: int, stride: int = 1, first: int = 0,
+                  progress: bool = True) -> np.ndarray:
+    """NLL of every ``stride``-th target, each from a fresh forward over the ``window`` preceding tokens."""
+    ids = ids.reshape(-1)
+    device = next(model.parameters()).device
+    out = np.full(ids.shape[0] - 1, np.nan)
+    for t in tqdm(range(first, ids.shape[0] - 1, stride), disable=not progress, desc=f"recompute {window}"):
+        x = ids[max(0, t - window + 1) : t + 1].to(device)[None]
+        logits = model(x, use_cache=False, logits_to_keep=1).logits[0]
+        out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]
+    return out
+
+
 def perplexity(nll: np.ndarray) -> float:
-    return float(np.exp(nll.mean()))
+    vals = nll[~np.isnan(nll)]
+    return float(np.exp(vals.mean())) if vals.size else float("nan")
+
+
+def run_method(model, ids: torch.Tensor, method: str, n_sink: int, window: int, *, chunk: int = 256,
+               positions: str = "cache", stride: int = 1, first: int = 0, dense_limit: int | None = None,
+               progress: bool = True) -> tuple[np.ndarray, dict]:
+    """(nll, info) for one method; ``first`` targets before it (a sink prefix) are not evaluated."""
+    t0 = time.perf_counter()
+    if method == "streaming":
+        nll = streaming_nll(model, ids, n_sink, window, chunk=chunk, positions=positions, progress=progress)
+    elif method == "dense":
+        nll = dense_nll(model, ids, chunk=chunk, limit=dense_limit, progress=progress)
+    elif method == "recompute":
+        nll = recompute_nll(model, ids, window, stride=stride, first=first, progress=progress)
+    else:
+        raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    secs = time.perf_counter() - t0
+    nll[:first] = np.nan
+    evaluated = int((~np.isnan(nll)).sum())
+    info = {"method": method, "ppl": round(perplexity(nll), 4), "targets": evaluated, "seconds": round(secs, 1),
+            "ms_per_target": round(1000 * secs / max(1, evaluated), 3)}
+    if method == "streaming":
+        info |= {"n_sink": n_sink, "window": window, "positions": positions,
+                 "exact_chunks": supports_exact(model)}
+    if method == "recompute":
+        info |= {"window": window, "stride": stride}
+    if method == "dense":
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        done = int(np.flatnonzero(~np.isnan(nll)).max()) + 1 if evaluated else 0
+        info |= {"max_positions": max_pos, "stopped_at": done}
+        if max_pos and done > max_pos:
+            info["ppl_within_max_positions"] = round(perplexity(nll[:max_pos]), 4)
+            info["ppl_past_max_positions"] = round(perplexity(nll[max_pos:]), 4)
+    return nll, info
+
+
+def plot(curves: dict[str, np.ndarray], path, title: str, marks: dict[str, int] | None = None) -> None:
+    """Perplexity against tokens seen (log-spaced bins, log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, nll in curves.items():
+        n = len(nll)
+        edges = np.unique(np.geomspace(16, max(n, 17), num=40).astype(int))
+        xs, ys = [], []
+        for a, b in zip(edges[:-1], edges[1:]):
+            seg = nll[a:b]
+            seg = seg[~np.isnan(seg)]
+            if seg.size:
+                xs.append((a + b) / 2)
+                ys.append(float(np.exp(seg.mean())))
+        ax.plot(xs, ys, marker=".", label=label)
+    for name, x in (marks or {}).items():
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.text(x, ax.get_ylim()[1], f" {name}", rotation=90, va="top", fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("perplexity (per bin)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
