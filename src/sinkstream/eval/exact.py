@@ -49,9 +49,12 @@ class ExactLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        if self.n_sink and self.sink_k is None:
-            self.sink_k = key_states[:, :, : self.n_sink].clone()
-            self.sink_v = value_states[:, :, : self.n_sink].clone()
+        if self.n_sink and (self.sink_k is None or self.sink_k.shape[-2] < self.n_sink):
+            have = 0 if self.sink_k is None else self.sink_k.shape[-2]
+            need = max(0, min(self.n_sink - have, self.n_sink - self.kept_first - self.keys.shape[-2]))
+            new_k, new_v = key_states[:, :, :need], value_states[:, :, :need]
+            self.sink_k = new_k.clone() if self.sink_k is None else torch.cat([self.sink_k, new_k], dim=-2)
+            self.sink_v = new_v.clone() if self.sink_v is None else torch.cat([self.sink_v, new_v], dim=-2)
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.first = self.kept_first
@@ -162,8 +165,8 @@ def exact_stream_logits(model, ids: torch.Tensor, n_sink: int, window: int, chun
                         positions: str = "cache") -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, logits [c, V])`` for consecutive chunks of ``ids`` [N]: each row equals the
     logits token-by-token streaming through ``SinkCache(n_sink, window)`` gives at that token."""
-    if chunk < max(1, n_sink):
-        raise ValueError(f"chunk must be >= max(1, n_sink), got {chunk}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     ids = ids.reshape(-1)
     device = next(model.parameters()).device
     stream = ExactStream(model.config, n_sink, window, positions)
