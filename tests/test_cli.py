@@ -169,3 +169,30 @@ def test_eval_ppl_methods_files_and_bad_input(capsys, tiny_dir, tmp_path):
                           (["--corpus", "gutenberg", "--text", str(text)], "not allowed with")]:
         rc, stdout, err = run(capsys, "eval", "ppl", "--model", str(tiny_dir), *argv)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_attn_maps_and_first_token_mass(capsys, tiny_dir, tmp_path):
+    rc, stdout, _ = run(capsys, "attn", "--model", str(tiny_dir), "--prompt", "attention sinks, seen " * 4,
+                        "--tokens", "40", "--out", str(tmp_path / "a"), "--json")
+    assert rc == 0
+    s = json.loads(stdout.strip().splitlines()[-1])
+    assert s["tokens"] == 40 and len(s["first_token_mass"]) == 2 and all(0 <= m <= 1 for m in s["first_token_mass"])
+    for f in ("attention_maps.png", "first_token_mass.png", "attention_maps.npy"):
+        assert (tmp_path / "a" / f).is_file()
+    rc, _, err = run(capsys, "attn", "--model", str(tiny_dir), "--tokens", "1")
+    assert rc == 2 and "--tokens must be >= 2" in err
+
+
+def test_eval_sweep_table(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("a sink sweep over a short text, again and again. " * 10)
+    rc, stdout, _ = run(capsys, "eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--tokens", "200",
+                        "--sinks", "0,1,4", "--caches", "16,32", "--stride", "20", "--chunk", "16",
+                        "--out", str(tmp_path / "s"), "--no-progress", "--json")
+    assert rc == 0
+    s = json.loads(stdout.strip().splitlines()[-1])
+    assert len([r for r in s["rows"] if r["sinks"] is not None]) == 6
+    table = (tmp_path / "s" / "sweep.md").read_text()
+    assert "| 16 |" in table and "(4+28)" in table and (tmp_path / "s" / "sweep.png").is_file()
+    rc, _, err = run(capsys, "eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--sinks", "a,b")
+    assert rc == 2 and "--sinks must be comma-separated integers" in err

@@ -43,3 +43,17 @@ def test_exact_chunks_equal_token_by_token(family, n_sink):
     got = torch.cat([lg for _, lg in exact_stream_logits(model, ids, n_sink, window, chunk=16)])
     assert (got - ref).abs().max() < 1e-4
     assert model.config._attn_implementation == "eager"  # restored
+
+
+def test_attention_maps_every_family(family):
+    from sinkstream.eval.attn import attention_maps, first_token_mass
+
+    model = tiny_model(family, layers=2)
+    maps = attention_maps(model, random_ids(24)[0])
+    assert maps.shape == (2, 24, 24)
+    if family == "gpt_oss":  # the learned per-head sink logit takes the rest of each row's mass
+        assert (maps.sum(-1) <= 1 + 1e-5).all() and maps.sum(-1).min() < 0.99
+    else:
+        np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-4)  # rows are distributions over keys
+    assert np.triu(maps, 1).max() == 0  # causal
+    assert first_token_mass(maps).shape == (2,)

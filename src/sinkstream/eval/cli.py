@@ -11,7 +11,36 @@ from pathlib import Path
 from .ppl import METHODS
 
 
+def _int_list(text: str, option: str, UsageError, minimum: int) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated integers, got '{text}'") from None
+    if not values or min(values) < minimum:
+        raise UsageError(f"{option} must be integers >= {minimum}, got '{text}'")
+    return list(dict.fromkeys(values))
+
+
 def validate(args, UsageError) -> None:
+    if args.command == "attn":
+        if args.tokens < 2:
+            raise UsageError(f"--tokens must be >= 2, got {args.tokens}")
+        if args.threads is not None and args.threads <= 0:
+            raise UsageError(f"--threads must be > 0, got {args.threads}")
+        if args.prompt is not None and not args.prompt.strip():
+            raise UsageError("--prompt is empty")
+        if args.text is not None:
+            args.text_value = read_text(args.text, UsageError)
+        return
+    if args.eval_command == "sweep":
+        args.sinks = _int_list(args.sinks, "--sinks", UsageError, 0)
+        args.caches = _int_list(args.caches, "--caches", UsageError, 2)
+        for name in ("tokens", "stride", "chunk"):
+            if getattr(args, name) < (2 if name == "tokens" else 1):
+                raise UsageError(f"--{name} must be >= {2 if name == 'tokens' else 1}, got {getattr(args, name)}")
+        if args.text is not None:
+            args.text_value = read_text(args.text, UsageError)
+        return
     if args.eval_command == "ppl":
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
         bad = [m for m in methods if m not in METHODS]
@@ -54,25 +83,27 @@ def _slug(label: str) -> str:
 
 
 def run(args, UsageError) -> int:
-    if args.eval_command == "ppl":
-        return run_ppl(args, UsageError)
-    raise UsageError(f"unknown eval command {args.eval_command}")
+    if args.command == "attn":
+        return run_attn(args, UsageError)
+    return {"ppl": run_ppl, "sweep": run_sweep}[args.eval_command](args, UsageError)
 
 
-def run_ppl(args, UsageError) -> int:
-    import numpy as np
+def _model(args, UsageError, attn=None):
     import torch
 
     from ..models import load_model
-    from .ppl import perplexity, plot, run_method
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+        return load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.text is not None:
+
+
+def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
+    """The first ``--tokens`` + 1 tokens of --text (or the corpus), and where they come from."""
+    if getattr(args, "text", None) is not None:
         text, source = args.text_value, args.text
     else:
         from .data import gutenberg_text
@@ -81,6 +112,83 @@ def run_ppl(args, UsageError) -> int:
     ids = tok(text, add_special_tokens=False).input_ids[: args.tokens + 1]
     if len(ids) < 2:
         raise UsageError("the text has fewer than 2 tokens")
+    return ids, source
+
+
+def _finish(summary: dict, out: Path, args) -> int:
+    summary["files"] = sorted(p.name for p in out.iterdir() if p.suffix in (".npy", ".png", ".json", ".md"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def run_attn(args, UsageError) -> int:
+    import torch
+
+    from .attn import attention_maps, first_token_mass, plot_first_token, plot_maps
+
+    model, tok = _model(args, UsageError)
+    if args.prompt is not None:
+        ids, source = tok(args.prompt).input_ids[: args.tokens], "--prompt"
+    else:
+        ids, source = _text_ids(args, tok, UsageError)
+        ids = ids[: args.tokens]
+    try:
+        maps = attention_maps(model, torch.tensor(ids))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    mass = first_token_mass(maps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.model or "smollm2-135m"
+    np_save(out / "attention_maps.npy", maps)
+    layers = plot_maps(maps, out / "attention_maps.png", f"{name}: attention averaged over heads ({len(ids)} tokens)")
+    plot_first_token(mass, out / "first_token_mass.png", f"{name}: attention on the first token, per layer")
+    summary = {"command": "attn", "model": name, "text": source, "tokens": len(ids),
+               "first_token": tok.decode(ids[:1]), "layers_drawn": layers,
+               "first_token_mass": [round(float(m), 4) for m in mass],
+               "layers_over_half_on_first_token": int((mass > 0.5).sum())}
+    if not args.json:
+        print(" ".join(f"{m:.2f}" for m in mass), file=sys.stderr)
+    return _finish(summary, out, args)
+
+
+def np_save(path, array) -> None:
+    import numpy as np
+
+    np.save(path, array.astype(np.float32))
+
+
+def run_sweep(args, UsageError) -> int:
+    import torch
+
+    from .sweep import markdown, plot_sweep
+    from .sweep import run_sweep as sweep
+
+    model, tok = _model(args, UsageError, args.attn)
+    ids, source = _text_ids(args, tok, UsageError)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = sweep(model, torch.tensor(ids), args.sinks, args.caches, chunk=args.chunk, stride=args.stride,
+                   dense_limit=args.dense_limit, progress=not args.no_progress,
+                   save=lambda label, nll: np_save(out / f"nll_{_slug(label)}.npy", nll))
+    table = markdown(result, args.sinks, args.caches)
+    name = args.model or "smollm2-135m"
+    (out / "sweep.md").write_text(f"# Sink sweep: {name}, {source}, {result['tokens']} tokens\n\n{table}")
+    plot_sweep(result, args.sinks, args.caches, out / "sweep.png", f"{name} · {source} · {result['tokens']} tokens")
+    if not args.json:
+        print(table, file=sys.stderr)
+    return _finish({"command": "eval sweep", "model": name, "dtype": args.dtype, "text": source} | result, out, args)
+
+
+def run_ppl(args, UsageError) -> int:
+    import numpy as np
+    import torch
+
+    from .ppl import perplexity, plot, run_method
+
+    model, tok = _model(args, UsageError, args.attn)
+    ids, source = _text_ids(args, tok, UsageError)
     n_sink, prefix = args.sink, []
     if args.sink_prefix is not None:
         prefix = tok(args.sink_prefix, add_special_tokens=False).input_ids
@@ -114,11 +222,8 @@ def run_ppl(args, UsageError) -> int:
     if max_pos and len(ids) > max_pos:
         marks[f"max positions {max_pos}"] = max_pos
     plot(curves, out / "ppl.png", f"{summary['model']} · {source}", marks)
-    summary["files"] = sorted(p.name for p in out.iterdir() if p.suffix in (".npy", ".png", ".json"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if not args.json:
         for label, info in infos.items():
             print(f"{label:40s} ppl {info['ppl']:10.4f}  ({info['targets']} targets, {info['seconds']} s)",
                   file=sys.stderr)
-    print(json.dumps(summary), flush=True)
-    return 0
+    return _finish(summary, out, args)

@@ -1,0 +1,82 @@
+"""Attention sinks, seen: average attention maps per layer and the attention mass on the first token.
+
+The paper's Figure 2: over a short text, most layers past the first two put a large share of every
+query's attention on the first token, whatever it is. ``attention_maps`` runs one eager forward with
+``output_attentions`` and averages over heads; ``plot_maps`` and ``plot_first_token`` draw them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def attention_maps(model, ids: torch.Tensor) -> np.ndarray:
+    """[layers, q, k] attention averaged over heads (and the batch) for ``ids`` [n]."""
+    before = model.config._attn_implementation
+    if before != "eager":
+        model.set_attn_implementation("eager")  # the only implementation that returns weights
+    try:
+        device = next(model.parameters()).device
+        out = model(ids.reshape(1, -1).to(device), output_attentions=True, use_cache=False)
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)
+    if not out.attentions or out.attentions[0] is None:
+        raise ValueError(f"{model.config.model_type} does not return attention weights")
+    return np.stack([a.float().mean(dim=(0, 1)).cpu().numpy() for a in out.attentions])
+
+
+def first_token_mass(maps: np.ndarray) -> np.ndarray:
+    """Per layer: mean attention that queries 1..n-1 put on token 0 (query 0 can only see itself)."""
+    return maps[:, 1:, 0].mean(axis=1)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_maps(maps: np.ndarray, path, title: str, max_layers: int = 16) -> list[int]:
+    """Heatmaps (log colour scale) of up to ``max_layers`` layers, evenly spread; returns the layers drawn."""
+    from matplotlib.colors import LogNorm
+
+    plt = _plt()
+    n = maps.shape[0]
+    layers = sorted(set(np.linspace(0, n - 1, min(n, max_layers)).round().astype(int).tolist()))
+    cols = min(4, len(layers))
+    rows = (len(layers) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, layers):
+        m = np.where(np.tril(np.ones_like(maps[layer])) > 0, np.maximum(maps[layer], 1e-4), np.nan)
+        ax.imshow(m, cmap="viridis", norm=LogNorm(vmin=1e-4, vmax=1.0), interpolation="nearest")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return layers
+
+
+def plot_first_token(mass: np.ndarray, path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(mass)), 3.5))
+    ax.bar(np.arange(len(mass)), mass)
+    ax.axhline(1 / 2, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention on the first token")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
