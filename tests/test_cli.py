@@ -196,3 +196,24 @@ def test_eval_sweep_table(capsys, tiny_dir, tmp_path):
     assert "| 16 |" in table and "(4+28)" in table and (tmp_path / "s" / "sweep.png").is_file()
     rc, _, err = run(capsys, "eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--sinks", "a,b")
     assert rc == 2 and "--sinks must be comma-separated integers" in err
+
+
+def test_eval_streameval_records(capsys, tiny_dir, tmp_path):
+    rc, stdout, _ = run(capsys, "eval", "streameval", "--model", str(tiny_dir), "--lines", "30", "--back", "2-15",
+                        "--sink", "4", "--window", "200", "--out", str(tmp_path / "se"), "--no-progress", "--json")
+    assert rc == 0
+    s = json.loads(stdout.strip().splitlines()[-1])
+    assert s["questions"] == 3 and s["within_cache"]["questions"] + s["beyond_cache"]["questions"] == 3
+    records = [json.loads(x) for x in (tmp_path / "se" / "answers.jsonl").read_text().splitlines()]
+    assert all(r["distance_tokens"] > 0 for r in records) and (tmp_path / "se" / "accuracy.png").is_file()
+    assert any(not r["in_cache"] for r in records)  # 200 slots: lines 15 back (~600 chars) have left
+    rc, _, err = run(capsys, "eval", "streameval", "--model", str(tiny_dir), "--back", "9-3")
+    assert rc == 2 and "--back must be MIN-MAX" in err
+
+
+def test_streameval_lines_are_unique_and_parseable():
+    from sinkstream.eval.streameval import make_lines
+
+    lines = make_lines(500, seed=3)
+    assert len({x.name for x in lines}) == 500
+    assert lines[7].text() == f"line {lines[7].name}: REGISTER_CONTENT is <{lines[7].value}>"

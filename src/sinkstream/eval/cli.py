@@ -32,6 +32,14 @@ def validate(args, UsageError) -> None:
         if args.text is not None:
             args.text_value = read_text(args.text, UsageError)
         return
+    if args.eval_command == "streameval":
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", args.back)
+        if not m or not 1 <= int(m[1]) <= int(m[2]):
+            raise UsageError(f"--back must be MIN-MAX with 1 <= MIN <= MAX, got '{args.back}'")
+        args.back_range = (int(m[1]), int(m[2]))
+        if args.lines < 10:
+            raise UsageError(f"--lines must be >= 10, got {args.lines}")
+        return
     if args.eval_command == "sweep":
         args.sinks = _int_list(args.sinks, "--sinks", UsageError, 0)
         args.caches = _int_list(args.caches, "--caches", UsageError, 2)
@@ -85,7 +93,29 @@ def _slug(label: str) -> str:
 def run(args, UsageError) -> int:
     if args.command == "attn":
         return run_attn(args, UsageError)
-    return {"ppl": run_ppl, "sweep": run_sweep}[args.eval_command](args, UsageError)
+    return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval}[args.eval_command](args, UsageError)
+
+
+def run_streameval(args, UsageError) -> int:
+    from ..engine import Engine
+    from .streameval import plot_accuracy, run_streameval as stream, summarize
+
+    model, tok = _model(args, UsageError, args.attn)
+    engine = Engine(model, tok, n_sink=args.sink, window=args.window)
+    records = stream(engine, args.lines, back=args.back_range, seed=args.seed, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "answers.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    name = args.model or "smollm2-135m"
+    summary = {"command": "eval streameval", "model": name, "n_sink": args.sink, "window": args.window,
+               "lines": args.lines, "back": args.back} | summarize(records, args.sink, args.window)
+    summary["tokens_seen"] = engine.tokens_seen
+    plot_accuracy(records, args.sink + args.window, out / "accuracy.png",
+                  f"StreamEval · {name} · cache {args.sink}+{args.window}")
+    summary["files"] = ["answers.jsonl"]
+    return _finish(summary, out, args)
 
 
 def _model(args, UsageError, attn=None):
@@ -116,7 +146,7 @@ def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
 
 
 def _finish(summary: dict, out: Path, args) -> int:
-    summary["files"] = sorted(p.name for p in out.iterdir() if p.suffix in (".npy", ".png", ".json", ".md"))
+    summary["files"] = sorted(p.name for p in out.iterdir() if p.suffix in (".npy", ".png", ".json", ".md", ".jsonl"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary), flush=True)
     return 0
