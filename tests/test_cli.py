@@ -217,3 +217,21 @@ def test_streameval_lines_are_unique_and_parseable():
     lines = make_lines(500, seed=3)
     assert len({x.name for x in lines}) == 500
     assert lines[7].text() == f"line {lines[7].name}: REGISTER_CONTENT is <{lines[7].value}>"
+
+
+def test_eval_chat_streaming_and_dense_baseline(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SINKSTREAM_CACHE", str(tmp_path / "cache"))  # MT-Bench from the cache, no fetch
+    data = tmp_path / "cache" / "data" / "mt-bench" / "mt-en.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("\n".join(json.dumps({"question_id": i, "category": "x", "turns": [f"question {i}?", "more?"]})
+                              for i in range(3)))
+    rc, stdout, _ = run(capsys, "eval", "chat", "--model", str(tiny_dir), "--questions", "3", "--max-new-tokens",
+                        "20", "--sink", "4", "--window", "60", "--max-rss-mb", "1", "--out", str(tmp_path / "c"),
+                        "--no-progress", "--json")
+    assert rc == 0
+    s = json.loads(stdout.strip().splitlines()[-1])
+    stream = s["runs"]["streaming 4+60"]
+    assert stream["turns_answered"] == 6 and stream["max_tokens_cached"] <= 64 and stream["tokens_seen"] > 64
+    assert s["runs"]["dense"]["turns_answered"] == 0 and "memory passed" in s["runs"]["dense"]["ended"]
+    answers = (tmp_path / "c" / "answers_streaming_4+60.jsonl").read_text().splitlines()
+    assert len(answers) == 6 and (tmp_path / "c" / "chat.png").is_file()

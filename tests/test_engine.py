@@ -105,3 +105,17 @@ def test_chat_after_a_stop_string_closes_the_turn(engine):
     assert cut == first[: first.index(stop)] and engine.stop_hit
     delta = chat.new_turn_text("next")
     assert delta.startswith("</s>") and delta.endswith("<s>user: next</s><s>assistant: ")
+
+
+def test_dense_engine_breaks_at_max_positions_streaming_does_not():
+    from sinkstream.eval.chatrun import run_chat
+
+    model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
+    questions = [{"question_id": i, "turns": [f"tell me about {i}", "and more"]} for i in range(6)]
+    params = SamplingParams(max_new_tokens=30)
+    dense = Engine(model, tok, dense=True)
+    recs, ended = run_chat(dense, questions, params, max_positions=200, progress=False)
+    assert 0 < len(recs) < 12 and "200 positions" in ended and recs[-1]["tokens_cached"] == recs[-1]["tokens_seen"]
+    stream = Engine(model, tok, n_sink=4, window=60)
+    recs, ended = run_chat(stream, questions, params, progress=False)
+    assert len(recs) == 12 and ended == "all turns answered" and max(r["tokens_cached"] for r in recs) <= 64

@@ -130,14 +130,15 @@ class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
     def __init__(self, model, tokenizer, n_sink: int = 4, window: int = 1020, *, prefill_chunk: int | None = None,
-                 rebase: bool = True):
+                 rebase: bool = True, dense: bool = False):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.n_sink, self.window = n_sink, window
         # a chunk evicts its own length before it is attended; half a window keeps >= window/2 context
         self.prefill_chunk = min(prefill_chunk or max(1, window // 2), window)
-        self.rebase = rebase
+        self.rebase = rebase and not dense
+        self.dense = dense  # a plain growing cache instead (the baseline that breaks)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.alibi = getattr(model.config, "model_type", None) in ALIBI_FAMILIES
@@ -156,18 +157,23 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the stream: a fresh, empty cache."""
-        self.cache = SinkCache(self.n_sink, self.window, config=self.model.config)
+        if self.dense:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.model.config)
+        else:
+            self.cache = SinkCache(self.n_sink, self.window, config=self.model.config)
         self.last_logits: torch.Tensor | None = None
         self.unfed: int | None = None  # the last sampled token, not yet fed to the model
         self.stop_hit = False  # the last generate() ended on a stop string
 
     @property
     def tokens_seen(self) -> int:
-        return self.cache.tokens_seen
+        return self.cache.get_seq_length() if self.dense else self.cache.tokens_seen
 
     @property
     def tokens_cached(self) -> int:
-        return self.cache.tokens_cached
+        return self.cache.get_seq_length() if self.dense else self.cache.tokens_cached
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -185,7 +191,7 @@ class Engine:
             if not self.alibi:
                 kw["position_ids"] = cache.position_ids(q, self.device)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
-        self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, cache.tokens_cached)
+        self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, self.tokens_cached)
         logits = out.logits[:, -1]
         if cache is self.cache:
             self.last_logits = logits
@@ -314,10 +320,10 @@ class Engine:
         return {
             "tokens_generated": s.tokens_generated,
             "tokens_prefilled": s.tokens_prefilled,
-            "tokens_seen": self.cache.tokens_seen,
-            "tokens_cached": self.cache.tokens_cached,
+            "tokens_seen": self.tokens_seen,
+            "tokens_cached": self.tokens_cached,
             "max_cache_tokens": s.max_cache_tokens,
-            "cache_capacity": self.n_sink + self.window,
+            "cache_capacity": None if self.dense else self.n_sink + self.window,
             "tokens_per_s": round(s.tokens_generated / total_s, 2) if total_s else 0.0,
             "decode_tokens_per_s": round(s.tokens_generated / s.decode_s, 2) if s.decode_s else 0.0,
             "prefill_tokens_per_s": round(s.tokens_prefilled / s.prefill_s, 2) if s.prefill_s else 0.0,

