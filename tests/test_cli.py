@@ -235,3 +235,16 @@ def test_eval_chat_streaming_and_dense_baseline(capsys, tiny_dir, tmp_path, monk
     assert s["runs"]["dense"]["turns_answered"] == 0 and "memory passed" in s["runs"]["dense"]["ended"]
     answers = (tmp_path / "c" / "answers_streaming_4+60.jsonl").read_text().splitlines()
     assert len(answers) == 6 and (tmp_path / "c" / "chat.png").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tokens", "0"], "--tokens must be >= 2"),
+    (["--sink", "40", "--window", "8"], "must be <= --window"),
+    (["--method", "streaming,nope"], "unknown --method"),
+    (["--book", "x"], "--book needs --corpus"),
+])
+def test_eval_ppl_bad_input(capsys, tmp_path, argv, message):
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    rc, out, err = run(capsys, "eval", "ppl", "--text", str(text), *argv)
+    assert rc == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1

@@ -57,3 +57,29 @@ def test_attention_maps_every_family(family):
         np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-4)  # rows are distributions over keys
     assert np.triu(maps, 1).max() == 0  # causal
     assert first_token_mass(maps).shape == (2,)
+
+
+@torch.no_grad()
+def test_every_method_finite_and_text_positions_differ_past_the_window():
+    from sinkstream.eval.ppl import run_method
+
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(120)[0]
+    for method in ("streaming", "dense", "recompute"):
+        nll, info = run_method(model, ids, method, 4, 24, chunk=16, stride=7, progress=False)
+        vals = nll[~np.isnan(nll)]
+        assert vals.size and np.isfinite(vals).all() and np.isfinite(info["ppl"])
+    cache = streaming_nll(model, ids, 4, 24, chunk=16, progress=False)
+    text = streaming_nll(model, ids, 4, 24, chunk=16, positions="text", progress=False)
+    n = 4 + 24  # identical while every token is still in the cache, different once sinks are far behind
+    np.testing.assert_allclose(cache[: n - 1], text[: n - 1], atol=1e-5)
+    assert np.abs(cache[n + 10 :] - text[n + 10 :]).max() > 1e-3
+
+
+def test_streameval_questions_are_answerable_from_the_text():
+    from sinkstream.eval.streameval import make_lines
+
+    lines = make_lines(100, seed=1)
+    text = "\n".join(x.text() for x in lines)
+    for x in lines[::7]:  # each asked line's number is in the stream, once, on the line with that id
+        assert text.count(f"line {x.name}:") == 1 and f"line {x.name}: REGISTER_CONTENT is <{x.value}>" in text

