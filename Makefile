@@ -25,7 +25,7 @@ demo: $(STAMP)
 		--max-new-tokens 200 --threads 2 --seed 0 --json
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"  # CI budget allows the real-model test (~1 min)
+	$(PY) -m pytest -q -m "slow or not slow"  # CI budget allows the real-model tests (~5 min)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
