@@ -52,14 +52,15 @@ def validate(args, UsageError) -> None:
         if args.lines < 10:
             raise UsageError(f"--lines must be >= 10, got {args.lines}")
         return
+    if args.eval_command in ("sweep", "ppl"):  # the long-text evaluations
+        for name, least in (("tokens", 2), ("stride", 1), ("chunk", 1)):
+            if getattr(args, name) < least:
+                raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+        if args.text is not None:
+            args.text_value = read_text(args.text, UsageError)
     if args.eval_command == "sweep":
         args.sinks = _int_list(args.sinks, "--sinks", UsageError, 0)
         args.caches = _int_list(args.caches, "--caches", UsageError, 2)
-        for name in ("tokens", "stride", "chunk"):
-            if getattr(args, name) < (2 if name == "tokens" else 1):
-                raise UsageError(f"--{name} must be >= {2 if name == 'tokens' else 1}, got {getattr(args, name)}")
-        if args.text is not None:
-            args.text_value = read_text(args.text, UsageError)
         return
     if args.eval_command == "ppl":
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -67,9 +68,6 @@ def validate(args, UsageError) -> None:
         if not methods or bad:
             raise UsageError(f"unknown --method '{','.join(bad) or args.method}'; choose from {', '.join(METHODS)}")
         args.methods = list(dict.fromkeys(methods))
-        for name in ("tokens", "stride", "chunk"):
-            if getattr(args, name) < (2 if name == "tokens" else 1):
-                raise UsageError(f"--{name} must be >= {2 if name == 'tokens' else 1}, got {getattr(args, name)}")
         if args.dense_limit is not None and args.dense_limit < 2:
             raise UsageError(f"--dense-limit must be >= 2, got {args.dense_limit}")
         if args.sink_prefix is not None:
@@ -79,8 +77,6 @@ def validate(args, UsageError) -> None:
                 raise UsageError(f"--sink-prefix: {e}") from None
             if not args.sink_prefix:
                 raise UsageError("--sink-prefix is empty")
-        if args.text is not None:
-            args.text_value = read_text(args.text, UsageError)
 
 
 def read_text(path: str, UsageError) -> str:
