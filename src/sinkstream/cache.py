@@ -69,8 +69,9 @@ class Plan:
     slot: int | None = None  # the slot of every row, when they agree
     slots: torch.Tensor | None = None  # [B] otherwise
     sink_rows: list[int] = field(default_factory=list)  # rows whose token becomes a sink
-    rot_rows: torch.Tensor | None = None  # rope: rows whose sinks move; alibi: rows whose sinks are re-copied
-    rot_all: bool = False
+    moved: list[int] = field(default_factory=list)  # rope: rows whose sinks move; alibi: rows whose sinks are re-copied
+    rot_all: bool = False  # every row moved (then no index tensor is needed)
+    rot_rows: torch.Tensor | None = None  # ``moved`` as an index tensor, when only some rows moved
     cos: torch.Tensor | None = None  # [R, 1, 1, rot_dim]
     sin: torch.Tensor | None = None
     compact: list[tuple[int, int, int]] = field(default_factory=list)  # alibi: (row, src, count)
@@ -246,8 +247,9 @@ class Track:
             else:
                 plan.slots = torch.tensor(slots, device=device)
         if moved:
-            plan.rot_all = len(moved) == len(self.rows)
-            plan.rot_rows = torch.tensor(moved, device=device)
+            plan.moved, plan.rot_all = moved, len(moved) == len(self.rows)
+            if not plan.rot_all:
+                plan.rot_rows = torch.tensor(moved, device=device)
             if deltas:
                 plan.cos, plan.sin = self.rope.cos_sin(deltas, device)
         return plan
@@ -313,7 +315,7 @@ class SinkLayer(CacheLayerMixin):
                 return out
         else:
             self._write_one(plan, key_states, value_states)
-        if plan.rot_rows is not None:
+        if plan.moved:
             self._place_sinks(plan)
         return self.keys[:, :, plan.kv_lo : plan.kv_hi], self.values[:, :, plan.kv_lo : plan.kv_hi]
 
@@ -387,7 +389,7 @@ class SinkLayer(CacheLayerMixin):
         """RoPE: rotate the sinks of the moved rows right before their oldest window key.
         ALiBi: copy the sinks right before the window's new start."""
         if self.track.kind == "alibi":
-            for b in plan.rot_rows.tolist():
+            for b in plan.moved:
                 lo = self.track.span(self.track.rows[b])[0]
                 self.keys[b, :, lo : lo + self.n_sink] = self.sink_keys[b]
                 self.values[b, :, lo : lo + self.n_sink] = self.sink_values[b]
