@@ -91,6 +91,7 @@ class ExactStream(Cache):
         self.n_sink, self.window, self.positions = n_sink, window, positions
         self.seen = 0  # text index of the next chunk's first token
         self.shift = 0  # frame position = text index - shift
+        self.masks: dict = {}  # window-block masks of the current forward (see ``_band``)
 
     def next_positions(self, q: int, device) -> torch.Tensor:
         """Frame positions of the next ``q`` tokens; re-centres the frame when it has run far."""
@@ -102,45 +103,65 @@ class ExactStream(Cache):
         return (torch.arange(q, device=device) + self.seen - self.shift)[None]
 
 
+def _band(st: "ExactStream", layer: ExactLayer, c: int, n_keys: int, device) -> torch.Tensor:
+    """Additive mask [c, n_keys] of the window block (shared by every layer with this window in a forward)."""
+    key = (st.seen, layer.first, layer.window, layer.n_sink, c, n_keys, device)
+    mask = st.masks.get(key)
+    if mask is None:
+        j = torch.arange(c, device=device) + st.seen  # text index of every query
+        i = torch.arange(n_keys, device=device) + layer.first  # text index of every key
+        allowed = (i[None] <= j[:, None]) & (i[None] >= torch.clamp(j[:, None] - layer.window + 1, min=layer.n_sink))
+        mask = torch.zeros(c, n_keys, device=device).masked_fill_(~allowed, float("-inf"))
+        st.masks = {k: v for k, v in st.masks.items() if k[0] == st.seen} | {key: mask}
+    return mask
+
+
 def exact_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, sink_stream=None,
                     s_aux=None, **kwargs):
-    """Sinks block + banded window block, one softmax (see the module docstring)."""
+    """Sinks block + banded window block, one softmax (see the module docstring).
+
+    Grouped-query heads share their key/value head without copies (queries of a group are stacked), and
+    the two blocks are merged with one running max and denominator instead of concatenating scores.
+    """
     st: ExactStream = sink_stream
     layer: ExactLayer = st.layers[module.layer_idx]
-    c = query.shape[-2]
-    groups = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    b, h, c, d = query.shape
+    kvh = key.shape[1]
     dev = query.device
-    j = torch.arange(c, device=dev) + st.seen  # text index of every query
-    i = torch.arange(k.shape[-2], device=dev) + layer.first  # text index of every key
-    allowed = (i[None] <= j[:, None]) & (i[None] >= torch.clamp(j[:, None] - layer.window + 1, min=layer.n_sink))
-    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
     softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, float("-inf"))
+
+    def scores_for(q, k):  # [b, kvh, groups * c, n] float32, scaled and soft-capped
+        s = torch.matmul((q * scaling).reshape(b, kvh, -1, d), k.transpose(-1, -2)).float()
+        return s.div_(softcap).tanh_().mul_(softcap) if softcap else s
+
+    scores = scores_for(query, key)
+    scores.view(b, kvh, h // kvh, c, -1).add_(_band(st, layer, c, key.shape[-2], dev))
+    peak = scores.amax(-1, keepdim=True)
+    extra = []  # (scores, values or None) of the sink block and gpt-oss' learned sink logit
     if layer.n_sink:
-        frame = j - st.shift
+        j = torch.arange(c) + st.seen
         target = j if st.positions == "text" else torch.clamp(j, max=layer.n_sink + layer.window - 1)
-        cos, sin = layer.rope.cos_sin((target - frame).tolist(), dev)  # [c, 1, 1, rot]
+        cos, sin = layer.rope.cos_sin((target - (j - st.shift)).tolist(), dev)  # [c, 1, 1, rot]
         qr = layer.rope.rotate(query, cos[:, 0].transpose(0, 1), sin[:, 0].transpose(0, 1))
-        ks, vs = layer.sink_k, layer.sink_v
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
-        s_scores = torch.matmul(qr, ks.transpose(-1, -2)) * scaling
-        if softcap:
-            s_scores = torch.tanh(s_scores / softcap) * softcap
-        s_allowed = torch.arange(ks.shape[-2], device=dev)[None] <= j[:, None]
-        scores = torch.cat([s_scores.masked_fill(~s_allowed, float("-inf")), scores], dim=-1)
-        v = torch.cat([vs, v], dim=-2)
-    if s_aux is not None:  # gpt-oss: a learned per-head sink logit in every softmax
-        extra = s_aux.reshape(1, -1, 1, 1).expand(query.shape[0], -1, c, 1).to(scores.dtype)
-        scores = torch.cat([scores, extra], dim=-1)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    if s_aux is not None:
-        probs = probs[..., :-1]
-    out = torch.matmul(probs, v)
+        s_scores = scores_for(qr, layer.sink_k)
+        early = torch.arange(layer.sink_k.shape[-2])[None] > j[:, None]  # sinks not yet seen (first chunk)
+        if early.any():
+            s_scores.view(b, kvh, h // kvh, c, -1).masked_fill_(early.to(dev), float("-inf"))
+        extra.append((s_scores, layer.sink_v))
+    if s_aux is not None:  # gpt-oss: a learned per-head logit in every softmax, with no value
+        aux = s_aux.float().reshape(1, kvh, h // kvh, 1, 1).expand(b, -1, -1, c, 1).reshape(b, kvh, -1, 1)
+        extra.append((aux, None))
+    for s, _ in extra:
+        peak = torch.maximum(peak, s.amax(-1, keepdim=True))
+    probs = scores.sub_(peak).exp_()
+    denom = probs.sum(-1, keepdim=True)
+    out = torch.matmul(probs.to(value.dtype), value).float()
+    for s, v in extra:
+        p = (s - peak).exp_()
+        denom += p.sum(-1, keepdim=True)
+        if v is not None:
+            out += torch.matmul(p.to(v.dtype), v).float()
+    out = (out / denom).to(query.dtype).reshape(b, h, c, d)
     return out.transpose(1, 2).contiguous(), None
 
 

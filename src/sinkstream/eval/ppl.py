@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache import SinkCache
+from ..kernels import fast_cpu_matmul
 from .exact import exact_stream_logits, supports_exact
 
 METHODS = ("streaming", "dense", "recompute")
@@ -40,13 +41,14 @@ def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int
     out = np.full(n - 1, np.nan)
     bar = tqdm(total=n, unit="tok", disable=not progress, desc=f"streaming {n_sink}+{window}")
     if supports_exact(model):
-        for s, logits in exact_stream_logits(model, ids, n_sink, window, chunk=min(chunk, window) or 1,
-                                             positions=positions):
-            c = logits.shape[0]
-            m = min(c, n - 1 - s)
-            if m > 0:
-                out[s : s + m] = _nll_rows(logits[:m], ids[s + 1 : s + 1 + m].to(logits.device))
-            bar.update(c)
+        with fast_cpu_matmul():
+            for s, logits in exact_stream_logits(model, ids, n_sink, window, chunk=min(chunk, window) or 1,
+                                                 positions=positions):
+                c = logits.shape[0]
+                m = min(c, n - 1 - s)
+                if m > 0:
+                    out[s : s + m] = _nll_rows(logits[:m], ids[s + 1 : s + 1 + m].to(logits.device))
+                bar.update(c)
     else:
         if positions != "cache":
             raise ValueError(f"--positions text needs exact chunked evaluation, which {model.config.model_type} lacks")
@@ -73,12 +75,13 @@ def dense_nll(model, ids: torch.Tensor, chunk: int = 256, limit: int | None = No
     device = next(model.parameters()).device
     out = np.full(ids.shape[0] - 1, np.nan)
     cache = DynamicCache(config=model.config)
-    for s in tqdm(range(0, n, chunk), disable=not progress, desc="dense", unit="chunk"):
-        x = ids[s : min(s + chunk, n)].to(device)[None]
-        logits = model(x, past_key_values=cache, use_cache=True).logits[0]
-        m = min(x.shape[1], ids.shape[0] - 1 - s)
-        if m > 0:
-            out[s : s + m] = _nll_rows(logits[:m], ids[s + 1 : s + 1 + m].to(device))
+    with fast_cpu_matmul():
+        for s in tqdm(range(0, n, chunk), disable=not progress, desc="dense", unit="chunk"):
+            x = ids[s : min(s + chunk, n)].to(device)[None]
+            logits = model(x, past_key_values=cache, use_cache=True).logits[0]
+            m = min(x.shape[1], ids.shape[0] - 1 - s)
+            if m > 0:
+                out[s : s + m] = _nll_rows(logits[:m], ids[s + 1 : s + 1 + m].to(device))
     return out
 
 
@@ -89,10 +92,11 @@ def recompute_nll(model, ids: torch.Tensor, window: int, stride: int = 1, first:
     ids = ids.reshape(-1)
     device = next(model.parameters()).device
     out = np.full(ids.shape[0] - 1, np.nan)
-    for t in tqdm(range(first, ids.shape[0] - 1, stride), disable=not progress, desc=f"recompute {window}"):
-        x = ids[max(0, t - window + 1) : t + 1].to(device)[None]
-        logits = model(x, use_cache=False, logits_to_keep=1).logits[0]
-        out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]
+    with fast_cpu_matmul():
+        for t in tqdm(range(first, ids.shape[0] - 1, stride), disable=not progress, desc=f"recompute {window}"):
+            x = ids[max(0, t - window + 1) : t + 1].to(device)[None]
+            logits = model(x, use_cache=False, logits_to_keep=1).logits[0]
+            out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]
     return out
 
 
@@ -105,15 +109,15 @@ def run_method(model, ids: torch.Tensor, method: str, n_sink: int, window: int, 
                positions: str = "cache", stride: int = 1, first: int = 0, dense_limit: int | None = None,
                progress: bool = True) -> tuple[np.ndarray, dict]:
     """(nll, info) for one method; ``first`` targets before it (a sink prefix) are not evaluated."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
     if method == "streaming":
         nll = streaming_nll(model, ids, n_sink, window, chunk=chunk, positions=positions, progress=progress)
     elif method == "dense":
         nll = dense_nll(model, ids, chunk=chunk, limit=dense_limit, progress=progress)
-    elif method == "recompute":
-        nll = recompute_nll(model, ids, window, stride=stride, first=first, progress=progress)
     else:
-        raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        nll = recompute_nll(model, ids, window, stride=stride, first=first, progress=progress)
     secs = time.perf_counter() - t0
     nll[:first] = np.nan
     evaluated = int((~np.isnan(nll)).sum())
