@@ -248,3 +248,34 @@ def test_eval_ppl_bad_input(capsys, tmp_path, argv, message):
     text.write_text("some text")
     rc, out, err = run(capsys, "eval", "ppl", "--text", str(text), *argv)
     assert rc == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_decode_reports_every_figure(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 120)
+    out = tmp_path / "bd"
+    rc, stdout, _ = run(capsys, "bench", "decode", "--model", str(tiny_dir), "--text", str(text), "--tokens", "1500",
+                        "--measure", "4", "--sink", "4", "--window", "60", "--compare", "recompute,dense",
+                        "--recompute-caches", "16,32", "--reps", "1", "--dense-tokens", "1200", "--out", str(out),
+                        "--no-progress", "--json")
+    assert rc == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert list(result["latency_ms"]) == ["1000", "1500"] and list(result["rss_mb"]) == ["1000", "1500"]
+    assert all(v > 0 for v in result["latency_ms"].values())
+    assert result["streaming"]["1500"]["tokens_cached"] == 64  # bounded: sinks + window
+    assert list(result["recompute_ratio"]) == ["16", "32"] and all(v > 0 for v in result["recompute_ratio"].values())
+    assert list(result["dense"]) == ["1000", "1200"] and result["dense"]["1200"]["tokens_cached"] == 1200
+    assert result["dense"]["1200"]["cache_mb"] > result["streaming"]["1500"]["cache_mb"]
+    assert result["flat"]["from"] == 1000 and result["flat"]["to"] == 1500
+    assert (out / "decode.png").is_file() and (out / "decode.json").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--compare", "fast"], "unknown --compare"),
+    (["--tokens", "10", "--measure", "20"], "--tokens must be >"),
+    (["--recompute-caches", "1,x"], "--recompute-caches"),
+    (["--measure", "0"], "--measure must be >= 1"),
+])
+def test_bench_decode_bad_input(capsys, argv, message):
+    rc, out, err = run(capsys, "bench", "decode", *argv)
+    assert rc == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1

@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--device", default="cpu", help="torch device")
     at.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     at.add_argument("--json", action="store_true", help="print only the JSON summary line")
+    bn = sub.add_parser("bench", help="benchmarks that print JSON (writes into --out)")
+    bns = bn.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    bd = bns.add_parser("decode", help="per-token decode latency and RSS against tokens seen; recompute and dense beside")
+    bd.add_argument("--tokens", type=int, default=20_000, help="tokens streamed (default 20000; 1000000 for the 1M point)")
+    bd.add_argument("--measure", type=int, default=64, help="decode steps timed at each checkpoint (default 64)")
+    bd.add_argument("--compare", default="", help="comma-separated: recompute, dense (default none)")
+    bd.add_argument("--recompute-caches", default="256,512,1024,2048,4096",
+                    help="cache sizes for --compare recompute (default 256,512,1024,2048,4096)")
+    bd.add_argument("--reps", type=int, default=3, help="recompute forwards timed per cache size (default 3)")
+    bd.add_argument("--dense-tokens", type=int, default=None,
+                    help="--compare dense: stream this far (default: the model's maximum positions)")
+    _add_text_source(bd, required=False)
+    _add_eval_outputs(bd, "out/bench-decode")
     e = sub.add_parser("export", help="write a model (e.g. a GGUF one) as a plain Hugging Face folder")
     e.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -168,6 +181,10 @@ def _validate(args) -> None:
         raise UsageError(f"--threads must be > 0, got {args.threads}")
     if args.command == "eval":
         from .eval.cli import validate
+
+        return validate(args, UsageError)
+    if args.command == "bench":
+        from .benchcli import validate
 
         return validate(args, UsageError)
     from .engine import SamplingParams
@@ -364,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _validate(args)
+        if args.command == "bench":
+            from .benchcli import run
+
+            return run(args, UsageError)
         if args.command in ("eval", "attn"):
             from .eval.cli import run
 

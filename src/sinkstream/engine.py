@@ -176,6 +176,16 @@ class Engine:
     def tokens_cached(self) -> int:
         return self.cache.get_seq_length() if self.dense else self.cache.tokens_cached
 
+    def cache_bytes(self) -> int:
+        """Bytes held by the cache's key/value tensors (each storage counted once)."""
+        seen, total = set(), 0
+        for layer in self.cache.layers:
+            for t in vars(layer).values():
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
+        return total
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` [1, q] (q <= window) through the model; return the last logits [1, V]."""

