@@ -190,6 +190,10 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
     float32 result kept under ``$SINKSTREAM_CACHE`` (default ``~/.cache/sinkstream``).
     """
     torch_dtype = parse_dtype(dtype)
+    if attn_implementation == "sinkstream":
+        from .attention import register
+
+        register()
     folder, gguf = resolve(name_or_path)
     if gguf:
         converted = _converted_dir(folder, gguf)
@@ -201,14 +205,20 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
                 logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
                 if attn_implementation:
                     model.set_attn_implementation(attn_implementation)
-                return _finish(model.to(torch_dtype), tokenizer, device)
+                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation)
         folder, gguf = converted, None
     model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
-    return _finish(model, tokenizer, device)
+    return _finish(model, tokenizer, device, attn_implementation)
 
 
-def _finish(model, tokenizer, device):
+def _finish(model, tokenizer, device, attn_implementation=None):
     check_supported(model.config)
+    if attn_implementation is None:  # SDPA, with direct one-query decode steps (see attention.py)
+        from .attention import default_attention
+
+        name = default_attention(model)
+        if name:
+            model.set_attn_implementation(name)
     return model.to(device).eval(), tokenizer
 
 
