@@ -1,0 +1,31 @@
+"""Collect the peers' rows (OUT/*.json written by the runners) into OUT/peers.md and one JSON line."""
+
+import argparse
+import json
+from pathlib import Path
+
+ORDER = ["sinkstream", "attention_sinks", "hf_sinkcache", "llama_cpp"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="out/peers")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = [json.loads((out / f"{n}.json").read_text()) for n in ORDER if (out / f"{n}.json").is_file()]
+    lines = ["| peer | version | tokens/s at 1k | tokens/s at 20k | peak RSS MB | PPL (20k tokens) | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['peer']} | | | | | | {r['status']} |")
+            continue
+        note = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("transformers", "attn", "weights", "context_shifts"))
+        lines.append(f"| {r['peer']} | {r['version']} | {r.get('tokens_per_s_at_1k', '')} | "
+                     f"{r.get('tokens_per_s_at_20k', '')} | {r['peak_rss_mb']:,.0f} | {r['ppl']:.3f} | {note} |")
+    (out / "peers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({"peers": rows}))
+
+
+if __name__ == "__main__":
+    main()
