@@ -45,6 +45,24 @@ def test_exact_chunks_equal_token_by_token(family, n_sink):
     assert model.config._attn_implementation == "eager"  # restored
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "sinkstream"])
+@torch.no_grad()
+def test_decode_cache_exact_over_2000_steps(attn):
+    """The preallocated ring cache (one slot written per step, rebases every ~window tokens) keeps the
+    logits of exact streaming, computed another way (banded attention, no ring, no rebase), for 2,000 steps."""
+    from sinkstream.attention import register
+
+    register()
+    model = tiny_model("llama", layers=2, attn=attn)
+    ids = random_ids(2000, seed=11)[0]
+    engine = Engine(model, _NoTok(), n_sink=4, window=60)
+    ref = torch.cat([lg for _, lg in exact_stream_logits(model, ids, 4, 60, chunk=50)])
+    for t in range(len(ids)):
+        got = engine.step(int(ids[t]))[0]
+        assert (got - ref[t]).abs().max() < 1e-4, f"step {t}"
+    assert engine.stats.rebases >= 25 and engine.tokens_cached == 64
+
+
 def test_attention_maps_every_family(family):
     from sinkstream.eval.attn import attention_maps, first_token_mass
 
