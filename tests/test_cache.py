@@ -1,5 +1,6 @@
 """SinkCache against references computed another way (tiny random models, fp32)."""
 
+import json
 import pytest
 import torch
 from helpers import random_ids, tiny_model
@@ -235,3 +236,27 @@ def test_rope_matches_the_models_rotary_embedding(family):
     for layer_type in set(getattr(model.config, "layer_types", None) or ["full_attention"]):
         ours = rope_for(model.config, layer_type).inv_freq.float()
         torch.testing.assert_close(ours, model_inv_freq(model, layer_type).float(), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mpt"])
+@torch.no_grad()
+def test_state_round_trip_continues_bitwise(family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from helpers import tiny_tokenizer
+
+    model = tiny_model(family, layers=2)
+    ids = random_ids(260, seed=2)[0].tolist()
+    engine = Engine(model, tiny_tokenizer(), n_sink=4, window=24, prefill_chunk=8)
+    engine.prefill(ids[:200])
+    tensors, meta = engine.cache.state()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "c.safetensors")
+    (tmp_path / "c.json").write_text(json.dumps(meta))
+    ref = torch.stack([engine.step(t)[0] for t in ids[200:]])
+    again = Engine(model, tiny_tokenizer(), n_sink=4, window=24)
+    again.cache = SinkCache.from_state(load_file(tmp_path / "c.safetensors"), json.loads((tmp_path / "c.json").read_text()),
+                                       config=model.config)
+    got = torch.stack([again.step(t)[0] for t in ids[200:]])
+    assert torch.equal(got, ref), (got - ref).abs().max()
+    with pytest.raises(ValueError, match="snapshot"):
+        SinkCache.from_state(tensors, meta | {"model_type": "bert"}, config=model.config)

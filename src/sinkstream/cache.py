@@ -568,6 +568,43 @@ class SinkCache(Cache):
         for layer in self.layers:
             layer.select_rows(idx)
 
+    # -- snapshots ----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): everything needed to continue this stream exactly (see ``from_state``).
+        Between forwards only; the tensors are the live buffers (copy them if the stream goes on)."""
+        tensors = {}
+        for i, layer in enumerate(self.layers):
+            if layer.is_initialized:
+                for name in layer._tensors():
+                    tensors[f"layers.{i}.{name}"] = getattr(layer, name)
+        meta = {"format": 1, "n_sink": self.n_sink, "window": self.window,
+                "model_type": getattr(self.config, "model_type", None),
+                "tracks": {k: {"step": t.step, "rows": [vars(r) for r in t.rows]} for k, t in self.tracks.items()}}
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, *, config, device=None) -> "SinkCache":
+        """The cache ``state()`` described, for a model with ``config`` (checked against the snapshot)."""
+        if meta.get("format") != 1:
+            raise ValueError(f"unknown SinkCache snapshot format {meta.get('format')!r}")
+        if meta.get("model_type") != getattr(config, "model_type", None):
+            raise ValueError(f"snapshot is of a {meta.get('model_type')} model, not {config.model_type}")
+        out = cls(meta["n_sink"], meta["window"], config=config)
+        if set(meta["tracks"]) != set(out.tracks):
+            raise ValueError("snapshot layer kinds do not match this model")
+        for kind, t in meta["tracks"].items():
+            out.tracks[kind].rows = [Row(**r) for r in t["rows"]]
+            out.tracks[kind].step = t["step"]
+        for i, layer in enumerate(out.layers):
+            names = [f"layers.{i}.{n}" for n in layer._tensors()]
+            if not all(n in tensors for n in names):
+                continue
+            for name, key in zip(layer._tensors(), names):
+                setattr(layer, name, tensors[key].to(device=device, copy=True))  # own, aligned memory
+            layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
+            layer.is_initialized, layer.step = True, layer.track.step
+        return out
+
     def rebase(self) -> int:
         """Re-rotate every row's window once so its positions restart at ``n_sink``; returns the largest
         shift. RoPE only (ALiBi has no positions to rebase). Not for use under ``generate``."""
