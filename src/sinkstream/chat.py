@@ -1,11 +1,83 @@
 """Chat sessions on the engine: the cache is kept across turns, each turn prefills only the new
-message (rendered with the model's chat template), never the history."""
+message (rendered with the model's chat template), never the history.
+
+``Conversation`` is the text bookkeeping alone (what was fed, what a new turn adds, how a finished
+answer is recorded); ``ChatSession`` drives an engine with it. The server keeps a ``Conversation``
+per session and decodes many of them in one batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 from .engine import Engine, SamplingParams
+
+
+@dataclass
+class Conversation:
+    """The messages of one conversation and exactly the text whose tokens were fed to its stream."""
+
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    fed_text: str = ""
+    turns: int = 0
+
+    def __post_init__(self):
+        if self.system and not self.messages:
+            self.messages = [{"role": "system", "content": self.system}]
+
+    def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # no template: a plain transcript
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return text + ("Assistant:" if add_generation_prompt else "")
+
+    def new_turn_text(self, tokenizer, message: str) -> str:
+        """The text to feed for ``message``: what the rendered conversation adds to what was fed."""
+        user = {"role": "user", "content": message}
+        full = self.render(tokenizer, self.messages + [user], True)
+        if full.startswith(self.fed_text):
+            return full[len(self.fed_text) :]
+        # The template renders the history differently from what was fed (an answer cut at a stop
+        # string, a template that trims): close the last answer turn, then add the new turn.
+        hist = self.render(tokenizer, self.messages, False)
+        delta = full[len(hist) :] if full.startswith(hist) else self.render(tokenizer, [user], True)
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            before = self.render(tokenizer, self.messages[:-1], True)
+            turn, answer = hist[len(before) :], self.messages[-1]["content"]
+            if hist.startswith(before) and turn.startswith(answer):
+                delta = turn[len(answer) :] + delta
+        return delta
+
+    def begin(self, tokenizer, message: str) -> list[int]:
+        """Record the user's ``message``; return the token ids to feed for it."""
+        if not message.strip():
+            raise ValueError("empty message")
+        delta = self.new_turn_text(tokenizer, message)
+        self.messages.append({"role": "user", "content": message})
+        self.fed_text += delta
+        return tokenizer(delta, add_special_tokens=False).input_ids
+
+    def finish(self, tokenizer, generated: Sequence[int], *, last_unfed: bool, cut_text: str | None = None) -> str:
+        """Record the answer (token ids as sampled; ``last_unfed``: the last one was not fed to the
+        model; ``cut_text``: the answer cut before a stop string). Returns the answer text."""
+        # the answer as the model wrote it (special tokens too), so that re-rendering the
+        # conversation reproduces what was fed
+        answer = cut_text if cut_text is not None else tokenizer.decode(list(generated), skip_special_tokens=False)
+        self.messages.append({"role": "assistant", "content": answer})
+        fed = list(generated[:-1]) if generated and last_unfed else list(generated)
+        self.fed_text += tokenizer.decode(fed, skip_special_tokens=False)
+        self.turns += 1
+        return answer
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "messages": self.messages, "fed_text": self.fed_text, "turns": self.turns}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Conversation":
+        return cls(system=d.get("system"), messages=list(d["messages"]), fed_text=d["fed_text"], turns=d["turns"])
 
 
 class ChatSession:
@@ -16,58 +88,36 @@ class ChatSession:
     def reset(self) -> None:
         """Start a new conversation (empty cache)."""
         self.engine.reset()
-        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.fed_text = ""  # exactly the text whose tokens are in the stream so far
-        self.turns = 0
+        self.conversation = Conversation(system=self.system)
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        tok = self.engine.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # no template: a plain transcript
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if add_generation_prompt else "")
+    @property
+    def messages(self) -> list[dict]:
+        return self.conversation.messages
+
+    @property
+    def fed_text(self) -> str:
+        return self.conversation.fed_text
+
+    @property
+    def turns(self) -> int:
+        return self.conversation.turns
 
     def new_turn_text(self, message: str) -> str:
         """The text to feed for ``message``: what the rendered conversation adds to what was fed."""
-        user = {"role": "user", "content": message}
-        full = self._render(self.messages + [user], True)
-        if full.startswith(self.fed_text):
-            return full[len(self.fed_text) :]
-        # The template renders the history differently from what was fed (an answer cut at a stop
-        # string, a template that trims): close the last answer turn, then add the new turn.
-        hist = self._render(self.messages, False)
-        delta = full[len(hist) :] if full.startswith(hist) else self._render([user], True)
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            before = self._render(self.messages[:-1], True)
-            turn, answer = hist[len(before) :], self.messages[-1]["content"]
-            if hist.startswith(before) and turn.startswith(answer):
-                delta = turn[len(answer) :] + delta
-        return delta
+        return self.conversation.new_turn_text(self.engine.tokenizer, message)
 
     def send(self, message: str, params: SamplingParams | None = None) -> Iterator[str]:
         """Stream the answer to ``message`` as text pieces. Interrupting the iteration keeps the
         partial answer in the conversation (its tokens are in the cache)."""
-        if not message.strip():
-            raise ValueError("empty message")
-        delta = self.new_turn_text(message)
-        ids = self.engine.tokenizer(delta, add_special_tokens=False).input_ids
-        self.messages.append({"role": "user", "content": message})
-        self.fed_text += delta
+        tok = self.engine.tokenizer
+        ids = self.conversation.begin(tok, message)
         generated: list[int] = []
         try:
-            for tok in self.engine.generate(ids, params):
-                if tok.id >= 0:
-                    generated.append(tok.id)
-                if tok.text:
-                    yield tok.text
+            for t in self.engine.generate(ids, params):
+                if t.id >= 0:
+                    generated.append(t.id)
+                if t.text:
+                    yield t.text
         finally:
-            # the answer as the model wrote it (special tokens too), so that re-rendering the
-            # conversation reproduces what was fed; the last sampled token may not be fed yet
-            answer = self.engine.tokenizer.decode(generated, skip_special_tokens=False)
-            if self.engine.stop_hit:
-                answer = self.engine.last_text  # cut before the stop string
-            self.messages.append({"role": "assistant", "content": answer})
-            fed = generated[:-1] if generated and self.engine.unfed is not None else generated
-            self.fed_text += self.engine.tokenizer.decode(fed, skip_special_tokens=False)
-            self.turns += 1
+            self.conversation.finish(tok, generated, last_unfed=self.engine.unfed is not None,
+                                     cut_text=self.engine.last_text if self.engine.stop_hit else None)
