@@ -88,3 +88,29 @@ def test_ragged_rows_need_positions_and_mask():
         model(random_ids(2).T, past_key_values=cache)
     with pytest.raises(ValueError, match="different lengths"):
         model(random_ids(6).view(2, 3), past_key_values=cache)
+
+
+@torch.no_grad()
+def test_extract_a_row_and_go_on_alone():
+    """A stream leaves a batch as its own cache (a copy) and continues exactly as it would have alone."""
+    model = tiny_model("llama", layers=2)
+    lengths, steps = [5, 40], 30
+    streams = [random_ids(n + 2 * steps, seed=i)[0] for i, n in enumerate(lengths)]
+    caches, alone = [], []
+    for ids, n in zip(streams, lengths):
+        engine = Engine(model, tiny_tokenizer(), n_sink=4, window=24, prefill_chunk=8)
+        engine.prefill(ids[:n].tolist())
+        caches.append(engine.cache)
+        ref = Engine(model, tiny_tokenizer(), n_sink=4, window=24, prefill_chunk=8)
+        ref.prefill(ids[:n].tolist())
+        alone.append(torch.stack([ref.step(int(t))[0] for t in ids[n:]]))
+    cache = SinkCache.stack(caches)
+    for s in range(steps):
+        ids = torch.stack([x[n + s] for x, n in zip(streams, lengths)])[:, None]
+        _step(model, cache, ids, "llama")
+    solo = cache.extract([1])
+    assert solo.seen_per_row == [lengths[1] + steps] and cache.batch_size == 2
+    engine = Engine(model, tiny_tokenizer(), n_sink=4, window=24)
+    engine.cache = solo
+    got = torch.stack([engine.step(int(t))[0] for t in streams[1][lengths[1] + steps :]])
+    torch.testing.assert_close(got, alone[1][steps:], atol=1e-4, rtol=0)

@@ -560,6 +560,22 @@ class SinkCache(Cache):
                 setattr(layer, name, torch.cat([getattr(s, name) for s in src]))
         return out
 
+    def extract(self, rows: list[int]) -> "SinkCache":
+        """A new cache holding copies of the given rows (in that order); this one is unchanged."""
+        if not rows:
+            raise ValueError("nothing to extract")
+        out = SinkCache(self.n_sink, self.window, config=self.config)
+        for kind, track in out.tracks.items():
+            track.rows = [copy.copy(self.tracks[kind].rows[b]) for b in rows]
+            track.step = self.tracks[kind].step
+        for src, layer in zip(self.layers, out.layers):
+            if src.is_initialized:
+                idx = torch.tensor(rows, dtype=torch.long, device=src.device)
+                for name in src._tensors():
+                    setattr(layer, name, getattr(src, name)[idx])  # advanced indexing copies
+                layer.dtype, layer.device, layer.is_initialized, layer.step = src.dtype, src.device, True, src.step
+        return out
+
     def select_rows(self, rows: list[int]) -> None:
         """Keep only the given rows (in that order): finished streams leave a batch."""
         idx = torch.tensor(rows, dtype=torch.long)
