@@ -1,0 +1,211 @@
+"""The model's one thread: prefills new requests and decodes all live ones together.
+
+Continuous batching. A request (``Job``) brings its own single-row ``SinkCache`` (a session's, or a
+fresh one) and the token ids to feed. The worker prefills it in chunks, one chunk per loop turn so
+live answers keep flowing, then the job joins the decode batch: its row is stacked onto the batch
+cache (one copy when it joins). Each decode step samples every row with its own parameters and
+generator, then feeds all rows' tokens in one forward (per-row positions and mask). A finished row
+leaves as its own cache again (``SinkCache.extract``), which the caller persists.
+
+Events go back to the caller through the job's ``events`` queue (thread-safe): ``("token", id, text)``,
+then ``("done", finish_reason)`` or ``("error", message)``. A job whose ``cancel`` is set (client gone)
+ends with ``("done", "cancelled")`` and its cache must be treated as unusable.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import SinkCache
+from ..engine import Detokenizer, SamplingParams, sample
+from ..kernels import fast_cpu_matmul
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    params: SamplingParams
+    cache: SinkCache
+    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # filled in by the worker
+    fed: int = 0  # prompt tokens fed so far
+    generated: list[int] = field(default_factory=list)
+    last_unfed: bool = False  # the last sampled token was not fed to the model
+    stop_hit: bool = False
+    text: str = ""  # the answer text (cut before a stop string)
+    logits: torch.Tensor | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    detok: Detokenizer | None = None
+    generator: torch.Generator | None = None
+
+
+class Worker:
+    def __init__(self, model, tokenizer, *, prefill_chunk: int, max_batch: int = 16, metrics=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
+        self.eos_ids = self._eos_ids()
+        self.metrics = metrics
+        self.inbox: "queue.Queue[Job | None]" = queue.Queue()
+        self.prefilling: list[Job] = []
+        self.batch: list[Job] = []
+        self.batch_cache: SinkCache | None = None
+        self.thread = threading.Thread(target=self._run, name="sinkstream-worker", daemon=True)
+        self.running = False
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return ids
+
+    # -- public --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.running = False
+        self.inbox.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job) -> Job:
+        if not job.ids:
+            raise ValueError("nothing to feed")
+        job.detok = Detokenizer(self.tokenizer, job.params.stop)
+        if job.params.seed is not None:
+            job.generator = torch.Generator(device=self.device).manual_seed(job.params.seed)
+        self.inbox.put(job)
+        return job
+
+    @property
+    def load(self) -> int:
+        return len(self.prefilling) + len(self.batch)
+
+    # -- the loop ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self) -> None:
+        while self.running:
+            self._take_new(block=not (self.prefilling or self.batch))
+            try:
+                self._prefill_turn()
+                self._decode_turn()
+            except Exception as e:  # noqa: BLE001 - a failed forward ends the jobs involved, not the server
+                for job in self.prefilling + self.batch:
+                    job.events.put(("error", f"{type(e).__name__}: {e}"))
+                self.prefilling, self.batch, self.batch_cache = [], [], None
+
+    def _take_new(self, block: bool) -> None:
+        while True:
+            try:
+                job = self.inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            if job is None:
+                return
+            self.prefilling.append(job)
+            block = False
+
+    def _prefill_turn(self) -> None:
+        """One chunk for every job still prefilling; a job whose prompt is all fed joins the batch."""
+        for job in list(self.prefilling):
+            if job.cancel.is_set():
+                self.prefilling.remove(job)
+                job.events.put(("done", "cancelled"))
+                continue
+            if job.fed < len(job.ids):
+                chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
+                x = torch.tensor([chunk], device=self.device)
+                with fast_cpu_matmul():
+                    job.logits = self._forward(job.cache, x, ragged=False)
+                job.fed += len(chunk)
+                if self.metrics:
+                    self.metrics.prefilled(len(chunk))
+            if job.fed >= len(job.ids) and len(self.batch) < self.max_batch:
+                self.prefilling.remove(job)
+                self._join(job)
+
+    def _join(self, job: Job) -> None:
+        self.batch_cache = job.cache if self.batch_cache is None else SinkCache.stack([self.batch_cache, job.cache])
+        job.cache = None  # its row lives in the batch cache until it leaves
+        self.batch.append(job)
+
+    def _forward(self, cache: SinkCache, ids: torch.Tensor, ragged: bool) -> torch.Tensor:
+        if cache.get_seq_length() + ids.shape[-1] > cache.n_sink + 2 * cache.window:
+            cache.rebase()  # bounded positions, as the engine keeps them
+        kw = {}
+        if ragged:
+            kw["attention_mask"] = cache.attention_mask(self.dtype, self.device)
+            if "alibi" not in cache.tracks:
+                kw["position_ids"] = cache.position_ids(ids.shape[-1], self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        return out.logits[:, -1]
+
+    def _decode_turn(self) -> None:
+        if not self.batch:
+            return
+        logits = torch.cat([job.logits for job in self.batch])
+        next_ids, keep = [], []
+        for b, job in enumerate(self.batch):
+            if job.cancel.is_set():
+                job.events.put(("done", "cancelled"))
+                continue
+            tid = int(sample(logits[b : b + 1], job.params, job.generator)[0])
+            if job.t_first is None:
+                job.t_first = time.perf_counter()
+                if self.metrics:
+                    self.metrics.first_token(job.t_first - job.t_submit)
+            if tid in self.eos_ids:
+                self._finish(job, b, "stop")
+                continue
+            job.generated.append(tid)
+            job.last_unfed = True
+            text, hit = job.detok.add(tid)
+            job.text = job.detok.text
+            job.events.put(("token", tid, text))  # text may be "" (special token, partial character)
+            if self.metrics:
+                self.metrics.generated(1)
+            if hit:
+                job.stop_hit = True
+                self._finish(job, b, "stop")
+            elif len(job.generated) >= job.params.max_new_tokens:
+                self._finish(job, b, "length")
+            else:
+                keep.append(b)
+                next_ids.append(tid)
+        self._leave(keep)
+        if not self.batch:
+            return
+        x = torch.tensor(next_ids, device=self.device)[:, None]
+        logits = self._forward(self.batch_cache, x, ragged=len(self.batch) > 1)
+        for b, job in enumerate(self.batch):
+            job.logits, job.last_unfed = logits[b : b + 1], False
+
+    def _finish(self, job: Job, row: int, reason: str) -> None:
+        tail = job.detok.flush()
+        job.text = job.detok.text
+        if tail:
+            job.events.put(("token", -1, tail))
+        job.cache = self.batch_cache.extract([row])
+        job.events.put(("done", reason))
+
+    def _leave(self, keep: list[int]) -> None:
+        """Rows not in ``keep`` leave the batch (their jobs already have their own caches)."""
+        if len(keep) == len(self.batch):
+            return
+        self.batch = [self.batch[b] for b in keep]
+        if not keep:
+            self.batch_cache = None
+        else:
+            self.batch_cache.select_rows(keep)

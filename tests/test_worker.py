@@ -1,0 +1,45 @@
+"""The server's worker: requests decoded together (joining and leaving the batch at different times)
+give each what it would get alone, and leave with caches that continue exactly."""
+
+import torch
+from helpers import random_ids, tiny_model, tiny_tokenizer
+
+from sinkstream import Engine, SamplingParams, SinkCache
+from sinkstream.server.worker import Job, Worker
+
+
+def _drain(job):
+    tokens, reason = [], None
+    while reason is None:
+        kind, *rest = job.events.get(timeout=60)
+        if kind == "token" and rest[0] >= 0:
+            tokens.append(rest[0])
+        elif kind == "done":
+            reason = rest[0]
+        elif kind == "error":
+            raise AssertionError(rest[0])
+    return tokens, reason
+
+
+@torch.no_grad()
+def test_batched_jobs_equal_alone():
+    model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
+    prompts = [random_ids(n, seed=i)[0].tolist() for i, n in enumerate([5, 70, 33, 120])]
+    params = [SamplingParams(max_new_tokens=m, temperature=t, seed=7) for m, t in
+              [(40, 0.0), (25, 0.9), (60, 0.0), (10, 1.0)]]
+    alone = []
+    for ids, p in zip(prompts, params):
+        engine = Engine(model, tok, n_sink=4, window=24, prefill_chunk=8)
+        alone.append([t.id for t in engine.generate(ids, p) if t.id >= 0])
+    worker = Worker(model, tok, prefill_chunk=8)
+    worker.start()
+    try:
+        jobs = [worker.submit(Job(ids, p, SinkCache(4, 24, config=model.config))) for ids, p in zip(prompts, params)]
+        for job, ref in zip(jobs, alone):
+            tokens, reason = _drain(job)
+            assert tokens == ref
+            assert reason == ("length" if len(ref) == job.params.max_new_tokens else "stop")
+            assert job.last_unfed == (reason == "length")  # an EOS is never fed; the last of a full answer isn't
+            assert job.cache.batch_size == 1 and job.cache.tokens_seen == len(job.ids) + len(ref) - job.last_unfed
+    finally:
+        worker.stop()
