@@ -210,9 +210,14 @@ def _model(args, UsageError, attn=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn)
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if getattr(args, "compile", False):
+        from ..kernels import compile_for_decode
+
+        compile_for_decode(model)
+    return model, tok
 
 
 def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
