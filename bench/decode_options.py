@@ -1,0 +1,80 @@
+"""Decode-step options side by side, interleaved in one process (the machine's speed drifts, so
+each option runs 16-step blocks in turn): attention implementation, inference mode, oneDNN
+matmuls for one-row steps, and torch.compile of the MLPs and LM head.
+
+    python bench/decode_options.py --out out/bench [--rounds 12]
+
+Every option streams the same text through its own engine (4 + 1020, 1,500 tokens prefilled).
+The compiled option uses a second copy of the model. The last line is one JSON object: per option
+the median and quartiles of its step times and its speed relative to "sdpa" (the foundation's).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from sinkstream import Engine, load_model
+from sinkstream.attention import register
+from sinkstream.eval.data import gutenberg_text
+from sinkstream.kernels import compile_for_decode, fast_cpu_matmul
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="out/bench")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model()
+    compiled, _ = load_model()
+    register()
+    compile_for_decode(compiled)
+    ids = tok(gutenberg_text(max_chars=200_000), add_special_tokens=False).input_ids
+    # name: (model, attention, grad mode, matmul kernels)
+    options = {
+        "sdpa": (model, "sdpa", torch.no_grad, nullcontext),
+        "eager": (model, "eager", torch.no_grad, nullcontext),
+        "sinkstream attention": (model, "sinkstream", torch.no_grad, nullcontext),
+        "sinkstream + inference_mode": (model, "sinkstream", torch.inference_mode, nullcontext),
+        "sinkstream + oneDNN one-row matmuls": (model, "sinkstream", torch.no_grad, fast_cpu_matmul),
+        "sinkstream + compiled MLP/LM head": (compiled, "sinkstream", torch.no_grad, nullcontext),
+    }
+    engines, pos, times = {}, {}, {k: [] for k in options}
+    for name, (m, attn, grad, kernels) in options.items():
+        m.set_attn_implementation(attn)
+        engines[name] = Engine(m, tok, n_sink=4, window=1020)
+        with grad(), kernels():
+            engines[name].prefill(ids[:1500])
+            for t in ids[1500:1516]:  # warm-up (compiles the decode shape)
+                engines[name].step(t)
+        pos[name] = 1516
+    for _ in range(args.rounds):
+        for name, (m, attn, grad, kernels) in options.items():
+            m.set_attn_implementation(attn)
+            with grad(), kernels():
+                for t in ids[pos[name] : pos[name] + 16]:
+                    t0 = time.perf_counter()
+                    engines[name].step(t)
+                    times[name].append((time.perf_counter() - t0) * 1000)
+            pos[name] += 16
+    base = statistics.median(times["sdpa"])
+    result = {"threads": args.threads, "steps_each": len(times["sdpa"]), "options": {}}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        result["options"][name] = {"median_ms": round(statistics.median(ts), 2), "p25_ms": round(q[0], 2),
+                                   "p75_ms": round(q[2], 2), "speedup_vs_sdpa": round(base / statistics.median(ts), 3)}
+        print(f"{name:40s} {statistics.median(ts):7.2f} ms  (p25 {q[0]:.2f}, p75 {q[2]:.2f})", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_options.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
