@@ -21,7 +21,27 @@ import torch
 from sinkstream import Engine, load_model
 from sinkstream.attention import register
 from sinkstream.eval.data import gutenberg_text
-from sinkstream.kernels import compile_for_decode, fast_cpu_matmul
+from sinkstream.kernels import fast_cpu_matmul
+
+
+def compile_for_decode(model) -> list[str]:
+    """``torch.compile`` every decoder layer's MLP and the LM head (most of the weights, no cache),
+    with inductor's frozen, prepacked weights. Attention stays eager (the cache is Python code).
+    Tried for the performance issue and not adopted: no gain measured (see the README)."""
+    import torch._dynamo.config as dynamo_config
+
+    names = [name for name, mod in model.named_modules()
+             if name.rsplit(".", 1)[-1] in ("mlp", "ffn") and not hasattr(mod, "experts") and not hasattr(mod, "router")]
+    head = model.get_output_embeddings()
+    targets = [model.get_submodule(n) for n in names] + ([head] if head is not None else [])
+    # one compiled graph per module instance (and per shape): lift dynamo's default limit of 8
+    need = 4 * len(targets) + 8
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, need)
+    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 4 * need)
+    for mod in targets:
+        if getattr(mod, "_compiled_call_impl", None) is None:  # not twice
+            mod.compile(options={"freezing": True, "cpp.weight_prepack": True})
+    return names + (["lm_head"] if head is not None else [])
 
 
 def main() -> None:

@@ -58,9 +58,6 @@ def _add_model_and_cache(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sink", type=int, default=4, help="attention-sink tokens kept (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the MLPs and LM head for decoding (frozen, prepacked weights; "
-                        "the first steps compile, seconds per shape)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -232,7 +229,7 @@ def _setup(args):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     except ValueError as e:  # unsupported family, unreadable model
         raise UsageError(str(e)) from None
-    engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window, compile=args.compile)
+    engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window)
     return engine, args.params
 
 

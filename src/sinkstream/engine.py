@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
-from .kernels import compile_for_decode, fast_cpu_matmul
+from .kernels import fast_cpu_matmul
 from .positions import ALIBI_FAMILIES
 
 
@@ -131,7 +131,7 @@ class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
     def __init__(self, model, tokenizer, n_sink: int = 4, window: int = 1020, *, prefill_chunk: int | None = None,
-                 rebase: bool = True, dense: bool = False, compile: bool = False):
+                 rebase: bool = True, dense: bool = False):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -145,7 +145,6 @@ class Engine:
         self.alibi = getattr(model.config, "model_type", None) in ALIBI_FAMILIES
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
-        self.compiled = compile_for_decode(model) if compile else []  # see kernels.compile_for_decode
         self.reset()
 
     def _eos_ids(self) -> set[int]:

@@ -76,28 +76,3 @@ def fast_cpu_matmul() -> Iterator[bool]:
     with _precision("bf16"):
         yield True
 
-
-def compile_for_decode(model) -> list[str]:
-    """``torch.compile`` the parts of ``model`` that hold most of its weights and no cache: every
-    decoder layer's MLP and the LM head, with inductor's frozen, prepacked weights (oneDNN's packed
-    layout on CPU). A decode step reads every weight once, so what matters is how fast a one-row
-    matmul streams them: measured on SmolLM2 fp32, 2 cores, 69.9 -> ~51 ms per token.
-
-    Attention stays eager (the cache is Python). Mixture-of-experts MLPs (data-dependent routing) are
-    left alone. The first calls compile (seconds per module shape); returns the compiled modules'
-    names. Weights must not change afterwards (they are frozen into the compiled code).
-    """
-    import torch._dynamo.config as dynamo_config
-
-    names = [name for name, mod in model.named_modules()
-             if name.rsplit(".", 1)[-1] in ("mlp", "ffn") and not hasattr(mod, "experts") and not hasattr(mod, "router")]
-    head = model.get_output_embeddings()
-    targets = [model.get_submodule(n) for n in names] + ([head] if head is not None else [])
-    # one compiled graph per module instance (and per shape): lift dynamo's default limit of 8
-    need = 4 * len(targets) + 8
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, need)
-    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 4 * need)
-    for mod in targets:
-        if getattr(mod, "_compiled_call_impl", None) is None:  # not twice
-            mod.compile(options={"freezing": True, "cpp.weight_prepack": True})
-    return names + (["lm_head"] if head is not None else [])

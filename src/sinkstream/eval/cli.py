@@ -213,10 +213,6 @@ def _model(args, UsageError, attn=None):
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if getattr(args, "compile", False):
-        from ..kernels import compile_for_decode
-
-        compile_for_decode(model)
     return model, tok
 
 
