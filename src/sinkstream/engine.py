@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
-from .kernels import fast_cpu_matmul
 from .positions import ALIBI_FAMILIES
 
 
@@ -216,9 +215,8 @@ class Engine:
             return self.last_logits
         t0 = time.perf_counter()
         ids_t = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]
-        with fast_cpu_matmul():
-            for s in range(0, ids_t.shape[-1], self.prefill_chunk):
-                self.forward(ids_t[:, s : s + self.prefill_chunk])
+        for s in range(0, ids_t.shape[-1], self.prefill_chunk):
+            self.forward(ids_t[:, s : s + self.prefill_chunk])
         self.stats.tokens_prefilled += len(ids)
         self.stats.prefill_s += time.perf_counter() - t0
         return self.last_logits

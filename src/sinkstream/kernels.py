@@ -9,8 +9,9 @@ So ``fast_cpu_matmul`` switches only after a probe shows oneDNN gives fp32-accur
 
 Measured with SmolLM2-135M, fp32, 2 cores (AMD EPYC, torch 2.13): a [256, 576] x [576, 1536]
 matmul 180 -> 430 GFLOP/s; exact chunked streaming evaluation 337 -> 610 tokens/s. One-row decode
-is slower under oneDNN (44 -> 50 ms per token, a per-call overhead), so only many-row forwards
-(prefill chunks, evaluation chunks) use it.
+is slower under oneDNN (44 -> 50 ms per token in one run), so only the evaluation's many-row
+forwards use it. Not the engine's prefill either: oneDNN caches a primitive per matmul shape, and
+chat turns of ever-different lengths grew a process by ~190 MB over 10k tokens of chat.
 
 ``SINKSTREAM_CPU_MATMUL=default`` keeps PyTorch's choice everywhere; ``=onednn`` skips the probe.
 """

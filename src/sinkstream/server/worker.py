@@ -23,7 +23,6 @@ import torch
 
 from ..cache import SinkCache
 from ..engine import Detokenizer, SamplingParams, sample
-from ..kernels import fast_cpu_matmul
 
 
 @dataclass
@@ -127,8 +126,7 @@ class Worker:
             if job.fed < len(job.ids):
                 chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
                 x = torch.tensor([chunk], device=self.device)
-                with fast_cpu_matmul():
-                    job.logits = self._forward(job.cache, x, ragged=False)
+                job.logits = self._forward(job.cache, x, ragged=False)
                 job.fed += len(chunk)
                 if self.metrics:
                     self.metrics.prefilled(len(chunk))
