@@ -31,7 +31,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(PY) bench/flat_cost.py --out out/bench
+	$(VENV)/bin/sinkstream bench decode --tokens 100000 --compare recompute,dense --out out/bench-decode
+	$(PY) bench/chunked_speed.py --out out/bench
 
 clean:
 	rm -rf $(VENV) out
