@@ -126,6 +126,17 @@ class Detokenizer:
         return out
 
 
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end an answer: the model's generation config's and the tokenizer's."""
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return ids
+
+
 class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
@@ -142,18 +153,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.alibi = getattr(model.config, "model_type", None) in ALIBI_FAMILIES
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(model, tokenizer)
         self.stats = Stats()
         self.reset()
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for src in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(src)
-        return ids
 
     def reset(self) -> None:
         """Forget the stream: a fresh, empty cache."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import SinkCache
-from ..engine import Detokenizer, SamplingParams, sample
+from ..engine import Detokenizer, SamplingParams, eos_ids, sample
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Worker:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(model, tokenizer)
         self.metrics = metrics
         self.inbox: "queue.Queue[Job | None]" = queue.Queue()
         self.prefilling: list[Job] = []
@@ -59,15 +59,6 @@ class Worker:
         self.batch_cache: SinkCache | None = None
         self.thread = threading.Thread(target=self._run, name="sinkstream-worker", daemon=True)
         self.running = False
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for src in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(src)
-        return ids
 
     # -- public --------------------------------------------------------------------------------
     def start(self) -> None:
