@@ -33,6 +33,8 @@ def validate(args, UsageError) -> None:
 
 
 def run(args, UsageError) -> int:
+    import torch
+
     from .benchmark import (CHECKPOINTS, DENSE_CHECKPOINTS, checkpoints_for, plot, run_checkpoints,
                             run_recompute)
     from .engine import Engine
@@ -61,7 +63,7 @@ def run(args, UsageError) -> int:
     progress = not args.no_progress
     name = args.model or "smollm2-135m"
     result = {"command": "bench decode", "model": name, "text": source, "dtype": args.dtype, "device": args.device,
-              "threads": __import__("torch").get_num_threads(), "cache": f"{args.sink}+{args.window}",
+              "threads": torch.get_num_threads(), "cache": f"{args.sink}+{args.window}",
               "measured_steps": args.measure}
     engine = Engine(model, tok, n_sink=args.sink, window=args.window)
     points = checkpoints_for(args.tokens, CHECKPOINTS)
