@@ -253,6 +253,7 @@ def test_state_round_trip_continues_bitwise(family, tmp_path):
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "c.safetensors")
     (tmp_path / "c.json").write_text(json.dumps(meta))
     ref = torch.stack([engine.step(t)[0] for t in ids[200:]])
+    assert meta == json.loads((tmp_path / "c.json").read_text())  # a snapshot, not a view of live counters
     again = Engine(model, tiny_tokenizer(), n_sink=4, window=24)
     again.cache = SinkCache.from_state(load_file(tmp_path / "c.safetensors"), json.loads((tmp_path / "c.json").read_text()),
                                        config=model.config)

@@ -595,7 +595,7 @@ class SinkCache(Cache):
                     tensors[f"layers.{i}.{name}"] = getattr(layer, name)
         meta = {"format": 1, "n_sink": self.n_sink, "window": self.window,
                 "model_type": getattr(self.config, "model_type", None),
-                "tracks": {k: {"step": t.step, "rows": [vars(r) for r in t.rows]} for k, t in self.tracks.items()}}
+                "tracks": {k: {"step": t.step, "rows": [dict(vars(r)) for r in t.rows]} for k, t in self.tracks.items()}}
         return tensors, meta
 
     @classmethod
