@@ -1,4 +1,4 @@
-"""The ``sinkstream`` command: generate, chat, export (eval, bench and serve come with later issues)."""
+"""The ``sinkstream`` command: generate, chat, eval, attn, bench, serve, export."""
 
 from __future__ import annotations
 
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--compare dense: stream this far (default: the model's maximum positions)")
     _add_text_source(bd, required=False)
     _add_eval_outputs(bd, "out/bench-decode")
+    from .server.cli import add_parser as add_serve
+
+    add_serve(sub, _add_model_and_cache)
     e = sub.add_parser("export", help="write a model (e.g. a GGUF one) as a plain Hugging Face folder")
     e.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -187,6 +190,10 @@ def _validate(args) -> None:
         return validate(args, UsageError)
     if args.command == "bench":
         from .benchcli import validate
+
+        return validate(args, UsageError)
+    if args.command == "serve":
+        from .server.cli import validate
 
         return validate(args, UsageError)
     from .engine import SamplingParams
@@ -385,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         _validate(args)
         if args.command == "bench":
             from .benchcli import run
+
+            return run(args, UsageError)
+        if args.command == "serve":
+            from .server.cli import run
 
             return run(args, UsageError)
         if args.command in ("eval", "attn"):

@@ -144,6 +144,23 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False,
+                   rebase: bool = True) -> tuple[torch.Tensor, bool]:
+    """Feed ``ids`` [B, q] to ``model`` through ``cache``; return (last logits [B, V], whether the
+    cache was rebased first). ``rows_differ``: the rows are streams of different lengths (per-row
+    positions and mask). The one forward the engine and the server's worker share."""
+    rebased = False
+    if rebase and isinstance(cache, SinkCache) and cache.get_seq_length() + ids.shape[-1] > cache.n_sink + 2 * cache.window:
+        rebased = cache.rebase() > 0  # amortized: one window re-rotation per ~window tokens
+    kw = {}
+    if rows_differ:
+        kw["attention_mask"] = cache.attention_mask(model.dtype, ids.device)
+        if getattr(model.config, "model_type", None) not in ALIBI_FAMILIES:
+            kw["position_ids"] = cache.position_ids(ids.shape[-1], ids.device)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+    return out.logits[:, -1], rebased
+
+
 class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
@@ -159,7 +176,6 @@ class Engine:
         self.dense = dense  # a plain growing cache instead (the baseline that breaks)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.alibi = getattr(model.config, "model_type", None) in ALIBI_FAMILIES
         self.eos_ids = eos_ids(model, tokenizer)
         self.stats = Stats()
         self.reset()
@@ -200,18 +216,9 @@ class Engine:
         return self._forward(self.cache, ids)
 
     def _forward(self, cache: SinkCache, ids: torch.Tensor, rows_differ: bool = False) -> torch.Tensor:
-        q = ids.shape[-1]
-        if self.rebase and cache.get_seq_length() + q > self.n_sink + 2 * self.window:
-            cache.rebase()  # amortized: one window re-rotation per ~window tokens
-            self.stats.rebases += 1
-        kw = {}
-        if rows_differ:  # streams of different lengths: per-row positions and mask
-            kw["attention_mask"] = cache.attention_mask(self.dtype, self.device)
-            if not self.alibi:
-                kw["position_ids"] = cache.position_ids(q, self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        logits, rebased = forward_stream(self.model, cache, ids, rows_differ=rows_differ, rebase=self.rebase)
+        self.stats.rebases += rebased
         self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, self.tokens_cached)
-        logits = out.logits[:, -1]
         if cache is self.cache:
             self.last_logits = logits
         return logits

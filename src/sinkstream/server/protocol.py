@@ -68,6 +68,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     session_id: str | None = Field(default=None, pattern=SESSION_ID)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _check(self):
@@ -77,7 +79,13 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("the last user message is empty")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def want_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -110,10 +118,38 @@ class Usage(BaseModel):
 
 class SessionInfo(BaseModel):
     id: str
+    object: Literal["session"] = "session"
     tokens_seen: int
     tokens_cached: int
     turns: int
     cache_capacity: int
+    created: int | None = None
+    updated: int | None = None
+    in_memory: bool | None = None
+    busy: bool | None = None
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[str]
+
+
+class TranscriptMessage(BaseModel):
+    turn: int
+    role: str
+    content: str
+
+
+class Transcript(BaseModel):
+    object: Literal["list"] = "list"
+    id: str
+    data: list[TranscriptMessage]
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
 
 
 class AssistantMessage(BaseModel):
@@ -121,10 +157,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -146,6 +197,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

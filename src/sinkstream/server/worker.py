@@ -7,7 +7,9 @@ cache (one copy when it joins). Each decode step samples every row with its own 
 generator, then feeds all rows' tokens in one forward (per-row positions and mask). A finished row
 leaves as its own cache again (``SinkCache.extract``), which the caller persists.
 
-Events go back to the caller through the job's ``events`` queue (thread-safe): ``("token", id, text)``,
+Events go back to the caller through the job's ``events`` (anything with a thread-safe ``put``; a
+``queue.Queue`` by default): ``("token", id, text, logprobs)`` (logprobs ``None`` unless the job asked,
+else ``(logprob, [(id, logprob), ...])``),
 then ``("done", finish_reason)`` or ``("error", message)``. A job whose ``cancel`` is set (client gone)
 ends with ``("done", "cancelled")`` and its cache must be treated as unusable.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import SinkCache
-from ..engine import Detokenizer, SamplingParams, eos_ids, sample
+from ..engine import Detokenizer, SamplingParams, eos_ids, forward_stream, sample
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Job:
     cache: SinkCache
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k likeliest
     # filled in by the worker
     fed: int = 0  # prompt tokens fed so far
     generated: list[int] = field(default_factory=list)
@@ -117,7 +120,7 @@ class Worker:
             if job.fed < len(job.ids):
                 chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
                 x = torch.tensor([chunk], device=self.device)
-                job.logits = self._forward(job.cache, x, ragged=False)
+                job.logits = forward_stream(self.model, job.cache, x)[0]
                 job.fed += len(chunk)
                 if self.metrics:
                     self.metrics.prefilled(len(chunk))
@@ -129,17 +132,6 @@ class Worker:
         self.batch_cache = job.cache if self.batch_cache is None else SinkCache.stack([self.batch_cache, job.cache])
         job.cache = None  # its row lives in the batch cache until it leaves
         self.batch.append(job)
-
-    def _forward(self, cache: SinkCache, ids: torch.Tensor, ragged: bool) -> torch.Tensor:
-        if cache.get_seq_length() + ids.shape[-1] > cache.n_sink + 2 * cache.window:
-            cache.rebase()  # bounded positions, as the engine keeps them
-        kw = {}
-        if ragged:
-            kw["attention_mask"] = cache.attention_mask(self.dtype, self.device)
-            if "alibi" not in cache.tracks:
-                kw["position_ids"] = cache.position_ids(ids.shape[-1], self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
-        return out.logits[:, -1]
 
     def _decode_turn(self) -> None:
         if not self.batch:
@@ -162,7 +154,8 @@ class Worker:
             job.last_unfed = True
             text, hit = job.detok.add(tid)
             job.text = job.detok.text
-            job.events.put(("token", tid, text))  # text may be "" (special token, partial character)
+            lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
+            job.events.put(("token", tid, text, lp))  # text may be "" (special token, partial character)
             if self.metrics:
                 self.metrics.generated(1)
             if hit:
@@ -176,8 +169,10 @@ class Worker:
         self._leave(keep)
         if not self.batch:
             return
+        if self.metrics:
+            self.metrics.batch(len(self.batch))
         x = torch.tensor(next_ids, device=self.device)[:, None]
-        logits = self._forward(self.batch_cache, x, ragged=len(self.batch) > 1)
+        logits, _ = forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1)
         for b, job in enumerate(self.batch):
             job.logits, job.last_unfed = logits[b : b + 1], False
 
@@ -185,7 +180,7 @@ class Worker:
         tail = job.detok.flush()
         job.text = job.detok.text
         if tail:
-            job.events.put(("token", -1, tail))
+            job.events.put(("token", -1, tail, None))
         job.cache = self.batch_cache.extract([row])
         job.events.put(("done", reason))
 
@@ -198,3 +193,11 @@ class Worker:
             self.batch_cache = None
         else:
             self.batch_cache.select_rows(keep)
+
+
+def _logprobs(logits: torch.Tensor, tid: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``tid`` under ``logits`` [V] (before temperature, as OpenAI reports it),
+    and the ``k`` likeliest tokens with theirs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[tid]), ([] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)])

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("sinkstream_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("sinkstream_prompt_tokens", "tokens prefilled", registry=r)
+        self.generated_tokens = Counter("sinkstream_generated_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("sinkstream_time_to_first_token_seconds", "request received to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Gauge("sinkstream_decode_batch_size", "rows in the last decode step", registry=r)
+        self.active = Gauge("sinkstream_active_requests", "generation requests in flight", registry=r)
+        self.sessions_memory = Gauge("sinkstream_sessions_in_memory", "idle sessions whose cache is in memory",
+                                     registry=r)
+        self.sessions = Gauge("sinkstream_sessions", "sessions stored", registry=r)
+        self.turns = Counter("sinkstream_turns", "generation requests by outcome", ["outcome"], registry=r)
+
+    # called by the worker thread (prometheus_client is thread-safe)
+    def prefilled(self, n: int) -> None:
+        self.prompt_tokens.inc(n)
+
+    def generated(self, n: int) -> None:
+        self.generated_tokens.inc(n)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def batch(self, rows: int) -> None:
+        self.batch_size.set(rows)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
