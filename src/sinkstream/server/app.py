@@ -137,6 +137,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            return ApiError(400, f"the body is not valid UTF-8: {exc.__cause__}", code="invalid_request").response()
         return ApiError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
@@ -228,7 +230,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
             ids = tokenizer(prompt).input_ids if prompt else [tokenizer.bos_token_id or 0]
             _check_length(len(ids))
             job = Job(ids, params, SinkCache(config.n_sink, config.window, config=model.config),
-                      events=AsyncEvents(loop, queue, tag=i))
+                      events=AsyncEvents(loop, queue, tag=i), logit_bias=_bias(req))
             turns.append(Turn(job, None))
         for t in turns:
             worker.submit(t.job)
@@ -266,6 +268,18 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"the request feeds {n} tokens; this server accepts at most {config.max_request_tokens} "
                                 "per request (--max-request-tokens)", code="request_too_long", param="messages")
 
+    vocab = model.config.get_text_config().vocab_size
+
+    def _bias(req) -> dict[int, float] | None:
+        if not req.logit_bias:
+            return None
+        bias = {int(k): v for k, v in req.logit_bias.items()}
+        bad = [i for i in bias if i >= vocab]
+        if bad:
+            raise ApiError(400, f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}",
+                           code="invalid_value", param="logit_bias")
+        return bias
+
     def _params(req) -> SamplingParams:
         max_new = req.max_tokens if req.max_tokens is not None else config.default_max_tokens
         if max_new > config.max_completion_tokens:
@@ -275,6 +289,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                               stop=tuple(req.stop or ()))
 
     async def _start_chat(req: P.ChatCompletionRequest, params: SamplingParams) -> Turn:
+        bias = _bias(req)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
         system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
         session = None
@@ -306,7 +321,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                 raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
             raise
         job = Job(ids, params, cache, events=AsyncEvents(asyncio.get_running_loop()),
-                  top_logprobs=req.want_logprobs)
+                  top_logprobs=req.want_logprobs, logit_bias=bias)
         worker.submit(job)
         metrics.active.inc()
         return Turn(job, conv, session, before)

@@ -25,8 +25,8 @@ def add_parser(sub, add_model_and_cache) -> None:
                    help="tokens one request may feed (default 1000000)")
     s.add_argument("--max-completion-tokens", type=int, default=16_384,
                    help="largest max_tokens a request may ask for (default 16384)")
-    s.add_argument("--default-max-tokens", type=int, default=1024,
-                   help="max_tokens of a chat request that sets none (default 1024)")
+    s.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
     s.add_argument("--served-model-name", default=None,
@@ -37,6 +37,8 @@ def add_parser(sub, add_model_and_cache) -> None:
 def validate(args, UsageError) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.default_max_tokens is None:
+        args.default_max_tokens = min(1024, args.max_completion_tokens)
     for name in ("max_request_tokens", "max_completion_tokens", "default_max_tokens", "max_batch"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

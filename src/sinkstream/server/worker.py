@@ -35,6 +35,7 @@ class Job:
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k likeliest
+    logit_bias: dict[int, float] | None = None  # added to the logits before sampling (-100 bans a token)
     # filled in by the worker
     fed: int = 0  # prompt tokens fed so far
     generated: list[int] = field(default_factory=list)
@@ -46,6 +47,7 @@ class Job:
     t_first: float | None = None
     detok: Detokenizer | None = None
     generator: torch.Generator | None = None
+    bias: torch.Tensor | None = None
 
 
 class Worker:
@@ -77,6 +79,10 @@ class Worker:
         if not job.ids:
             raise ValueError("nothing to feed")
         job.detok = Detokenizer(self.tokenizer, job.params.stop)
+        if job.logit_bias:
+            vocab = self.model.config.get_text_config().vocab_size  # ids checked by the caller
+            job.bias = torch.zeros(vocab, device=self.device)
+            job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
         if job.params.seed is not None:
             job.generator = torch.Generator(device=self.device).manual_seed(job.params.seed)
         self.inbox.put(job)
@@ -142,7 +148,8 @@ class Worker:
             if job.cancel.is_set():
                 job.events.put(("done", "cancelled"))
                 continue
-            tid = int(sample(logits[b : b + 1], job.params, job.generator)[0])
+            row = logits[b : b + 1] if job.bias is None else logits[b : b + 1] + job.bias[: logits.shape[-1]]
+            tid = int(sample(row, job.params, job.generator)[0])
             if job.t_first is None:
                 job.t_first = time.perf_counter()
                 if self.metrics:
