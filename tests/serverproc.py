@@ -21,9 +21,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, state_dir: Path, *extra: str, sink: int = 4, window: int = 60):
-        self.model_dir, self.state_dir, self.extra = model_dir, state_dir, list(extra)
-        self.sink, self.window = sink, window
+    def __init__(self, model: Path | str, state_dir: Path, *extra: str, sink: int = 4, window: int = 60,
+                 threads: int = 1, name: str = "tiny"):
+        self.model, self.state_dir, self.extra = model, state_dir, list(extra)
+        self.sink, self.window, self.threads, self.name = sink, window, threads, name
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log = state_dir.parent / f"{state_dir.name}-server.log"
@@ -34,13 +35,13 @@ class Server:
 
     def start(self) -> "Server":
         self.port = free_port()
-        cmd = [sys.executable, "-m", "sinkstream", "serve", "--model", str(self.model_dir), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "sinkstream", "serve", "--model", str(self.model), "--port", str(self.port),
                "--state-dir", str(self.state_dir), "--sink", str(self.sink), "--window", str(self.window),
-               "--threads", "1", "--log-level", "warning", "--served-model-name", "tiny", *self.extra]
+               "--threads", str(self.threads), "--log-level", "warning", "--served-model-name", self.name, *self.extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SINKSTREAM_API_KEY", None)
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
@@ -51,7 +52,7 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.2)
         self.kill()
-        raise RuntimeError("server did not come up in 120 s")
+        raise RuntimeError("server did not come up in 300 s")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -78,6 +78,12 @@ def test_openai_client(server):
     two = c.completions.create(model="tiny", prompt=["Once upon a time", "xyz"], max_tokens=12, temperature=0)
     assert [ch.index for ch in two.choices] == [0, 1] and two.choices[0].text == comp.choices[0].text  # batched == alone
 
+    # no session, a history 10x the cache: streamed through it in chunks, never a context-length error
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"line {i} " + "words " * 8}
+               for i in range(40)] + [{"role": "user", "content": "and now?"}]
+    long = c.chat.completions.create(model="tiny", messages=history, max_tokens=8)
+    assert long.usage.prompt_tokens > 10 * CAPACITY and long.choices[0].message.content
+
     a_id = tiny_tokenizer().convert_tokens_to_ids("A")
     forced = chat(c, None, "Say A", max_tokens=8, temperature=1.0, logit_bias={str(a_id): 100})
     assert forced.choices[0].message.content == "A" * 8

@@ -24,8 +24,8 @@ def main() -> None:
     export_model(model, tok, out / "model")
     ids = tok(gutenberg_text(book=args.book), add_special_tokens=False).input_ids[: args.tokens + 1]
     (out / "ids.json").write_text(json.dumps(ids))
-    known = KNOWN_MODELS["smollm2-135m"]
-    gguf = known.locate() / known.gguf_file
+    folder, name = KNOWN_MODELS["smollm2-135m"].locate()
+    gguf = folder / name
     (out / "gguf_path.txt").write_text(str(gguf))
     print(json.dumps({"model": str(out / "model"), "ids": len(ids), "book": args.book, "gguf": str(gguf)}))
 

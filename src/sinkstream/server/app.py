@@ -303,6 +303,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
             if session.new:  # the first request's messages are the conversation so far
                 conv.system, conv.messages = system, msgs[:-1]
             cache = session.cache or SinkCache(config.n_sink, config.window, config=model.config)
+            session.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
         else:
             conv = Conversation(system=system, messages=msgs[:-1])
             cache = SinkCache(config.n_sink, config.window, config=model.config)

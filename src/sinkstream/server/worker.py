@@ -126,7 +126,12 @@ class Worker:
             if job.fed < len(job.ids):
                 chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
                 x = torch.tensor([chunk], device=self.device)
-                job.logits = forward_stream(self.model, job.cache, x)[0]
+                try:
+                    job.logits = forward_stream(self.model, job.cache, x)[0]
+                except Exception as e:  # noqa: BLE001 - this request fails; the batch goes on
+                    self.prefilling.remove(job)
+                    job.events.put(("error", f"{type(e).__name__}: {e}"))
+                    continue
                 job.fed += len(chunk)
                 if self.metrics:
                     self.metrics.prefilled(len(chunk))
