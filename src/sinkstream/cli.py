@@ -1,4 +1,4 @@
-"""The ``sinkstream`` command: generate, chat, eval, attn, bench, serve, export."""
+"""The ``sinkstream`` command: generate, chat, eval, attn, bench, serve, train, export."""
 
 from __future__ import annotations
 
@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_source(bd, required=False)
     _add_eval_outputs(bd, "out/bench-decode")
     from .server.cli import add_parser as add_serve
+    from .traincli import add_parser as add_train
 
     add_serve(sub, _add_model_and_cache)
+    add_train(sub)
     e = sub.add_parser("export", help="write a model (e.g. a GGUF one) as a plain Hugging Face folder")
     e.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args) -> None:
     from .models import DTYPES, ModelLoadError, resolve
 
+    if args.command == "train":
+        from .traincli import validate
+
+        return validate(args, UsageError)
     if args.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{args.dtype}'; choose one of {', '.join(DTYPES)}")
     try:
@@ -396,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             return run(args, UsageError)
         if args.command == "serve":
             from .server.cli import run
+
+            return run(args, UsageError)
+        if args.command == "train":
+            from .traincli import run
 
             return run(args, UsageError)
         if args.command in ("eval", "attn"):

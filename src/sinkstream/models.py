@@ -194,6 +194,10 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
         from .attention import register
 
         register()
+    elif attn_implementation in ("sinkstream_zero", "sinkstream_zero_eager"):
+        from .attention import register_zero
+
+        register_zero()
     folder, gguf = resolve(name_or_path)
     if gguf:
         converted = _converted_dir(folder, gguf)
@@ -213,6 +217,11 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
 
 def _finish(model, tokenizer, device, attn_implementation=None):
     check_supported(model.config)
+    from .attention import ZERO_EAGER, ZERO_NAME, sink_mode
+
+    if sink_mode(model.config) == "zero" and attn_implementation not in (None, ZERO_NAME, ZERO_EAGER):
+        raise ValueError(f"this model was trained with zero-sink attention (softmax-off-by-one); "
+                         f"attention '{attn_implementation}' would compute another model: leave --attn out")
     if attn_implementation is None:  # SDPA, with direct one-query decode steps (see attention.py)
         from .attention import default_attention
 

@@ -14,14 +14,20 @@ import torch
 @torch.no_grad()
 def attention_maps(model, ids: torch.Tensor) -> np.ndarray:
     """[layers, q, k] attention averaged over heads (and the batch) for ``ids`` [n]."""
+    from ..attention import ZERO_EAGER, register_zero, sink_mode
+
     before = model.config._attn_implementation
-    if before != "eager":
-        model.set_attn_implementation("eager")  # the only implementation that returns weights
+    eager = "eager"  # the implementation that returns weights
+    if sink_mode(model.config) == "zero":  # softmax-off-by-one: weights over the keys sum to < 1
+        eager = ZERO_EAGER
+        register_zero()
+    if before != eager:
+        model.set_attn_implementation(eager)
     try:
         device = next(model.parameters()).device
         out = model(ids.reshape(1, -1).to(device), output_attentions=True, use_cache=False)
     finally:
-        if before != "eager":
+        if before != eager:
             model.set_attn_implementation(before)
     if not out.attentions or out.attentions[0] is None:
         raise ValueError(f"{model.config.model_type} does not return attention weights")

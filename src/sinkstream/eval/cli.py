@@ -213,6 +213,10 @@ def _model(args, UsageError, attn=None):
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from ..attention import sink_mode
+
+    if sink_mode(model.config) == "learnable" and hasattr(args, "bos"):
+        args.bos = True  # its trained <|sink|> token (the tokenizer's BOS) starts every stream, as in training
     return model, tok
 
 

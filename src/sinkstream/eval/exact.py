@@ -92,6 +92,7 @@ class ExactStream(Cache):
         self.seen = 0  # text index of the next chunk's first token
         self.shift = 0  # frame position = text index - shift
         self.masks: dict = {}  # window-block masks of the current forward (see ``_band``)
+        self.zero_sink = getattr(config, "sinkstream_sink_mode", None) == "zero"  # softmax-off-by-one model
 
     def next_positions(self, q: int, device) -> torch.Tensor:
         """Frame positions of the next ``q`` tokens; re-centres the frame when it has run far."""
@@ -128,6 +129,8 @@ def exact_attention(module, query, key, value, attention_mask, scaling, dropout=
     b, h, c, d = query.shape
     kvh = key.shape[1]
     dev = query.device
+    if s_aux is None and st.zero_sink:  # softmax-off-by-one: a logit fixed at 0 with no value, every head
+        s_aux = query.new_zeros(h)
     softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
 
     def scores_for(q, k):  # [b, kvh, groups * c, n] float32, scaled and soft-capped
