@@ -71,9 +71,10 @@ class TrainConfig:
 
 
 # -- data ----------------------------------------------------------------------------------------------
-def train_tokenizer(text: str, vocab: int, cache_dir: Path):
+def train_tokenizer(text: str, vocab: int, cache_dir: Path, sink_first: bool = False):
     """A byte-level BPE of ``vocab`` tokens trained on ``text`` (cached by content), as a transformers
-    tokenizer whose BOS is the sink token."""
+    tokenizer. ``sink_first`` (learnable mode): ``<|sink|>`` is its BOS, put first whenever text is
+    tokenized with special tokens, so every stream starts with the sink the model was trained with."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,14 +87,16 @@ def train_tokenizer(text: str, vocab: int, cache_dir: Path):
         trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT, SINK_TOKEN], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_pieces(text), trainer=trainer)
-        sink = tok.token_to_id(SINK_TOKEN)
-        tok.post_processor = processors.TemplateProcessing(single=f"{SINK_TOKEN} $A", special_tokens=[(SINK_TOKEN, sink)])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         tok.save(str(tmp))
         os.replace(tmp, path)
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=SINK_TOKEN, eos_token=EOT, pad_token=EOT,
-                                   unk_token=None)
+    tok = Tokenizer.from_file(str(path))
+    if sink_first:
+        tok.post_processor = processors.TemplateProcessing(single=f"{SINK_TOKEN} $A",
+                                                           special_tokens=[(SINK_TOKEN, tok.token_to_id(SINK_TOKEN))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SINK_TOKEN if sink_first else None, eos_token=EOT,
+                                   pad_token=EOT, additional_special_tokens=[SINK_TOKEN])
 
 
 def _pieces(text: str, size: int = 1 << 16):
@@ -145,7 +148,8 @@ def build_model(cfg: TrainConfig, tokenizer):
         vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.ffn, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids(SINK_TOKEN) if cfg.sink_mode == "learnable" else None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         sinkstream_sink_mode=cfg.sink_mode)
     attn = register_zero() if cfg.sink_mode == "zero" else "sdpa"
     torch.manual_seed(cfg.seed)
@@ -214,8 +218,8 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
 
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(train_text, cfg.vocab, cache_root() / "train")
-    sink_id = tokenizer.bos_token_id
+    tokenizer = train_tokenizer(train_text, cfg.vocab, cache_root() / "train", sink_first=cfg.sink_mode == "learnable")
+    sink_id = tokenizer.convert_tokens_to_ids(SINK_TOKEN)
     train_ids, eval_ids = encode(tokenizer, train_text), encode(tokenizer, eval_text)
     if len(train_ids) < cfg.seq + 1 or len(eval_ids) < cfg.seq + 1:
         raise ValueError(f"the training and held-out texts need more than {cfg.seq} tokens each "
@@ -258,7 +262,7 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            value = float(loss)
+            value = float(loss.detach())
             first_loss = value if first_loss is None else first_loss
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             tokens += x.numel()
