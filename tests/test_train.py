@@ -29,9 +29,9 @@ def _text(seed: int, n: int = 3000) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, monkeypatch_module):
-    out = {}
+    out, runs = {}, tmp_path_factory.mktemp("runs")
     for mode in SINK_MODES:
-        folder = tmp_path_factory.mktemp(mode)
+        folder = runs / mode
         out[mode] = (train(TrainConfig(sink_mode=mode, **TINY), _text(0), _text(1, 400), folder, progress=False),
                      folder)
     return out
@@ -132,3 +132,22 @@ def test_train_cli_errors(capsys):
         assert main(["train", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_sinkgrid(trained, tmp_path, capsys):
+    """Table 3 on the tiny runs, through the CLI: every cell, the dense reference, first-token mass per layer."""
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(_text(4, 200))
+    runs = trained["vanilla"][1].parent
+    assert main(["eval", "sinkgrid", "--runs", str(runs), "--text", str(held_out), "--tokens", "300", "--stride", "10",
+                 "--out", str(tmp_path / "grid"), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = summary["rows"]
+    assert summary["cache"] == 32 and list(rows) == ["vanilla", "zero", "learnable"]
+    for mode, col in (("vanilla", "0+32"), ("zero", "0+32"), ("learnable", "1+31")):
+        # the whole cache as window: close to recomputing (not equal: streamed keys keep their old context)
+        assert rows[mode][f"{col} (sample)"] == pytest.approx(rows[mode]["dense_in_training_length"], rel=0.05)
+        assert all(1 < rows[mode][f"{k}+{32 - k}"] < 300 for k in (0, 1, 2, 4))
+        assert len(rows[mode]["first_token_mass"]) == 2 and all(0 <= m <= 1 for m in rows[mode]["first_token_mass"])
+    assert (tmp_path / "grid" / "sinkgrid.md").is_file() and (tmp_path / "grid" / "sinkgrid.png").is_file()
+    assert main(["eval", "sinkgrid", "--runs", str(tmp_path)]) == 2  # no runs there: one line, exit 2

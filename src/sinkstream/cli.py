@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
     st.add_argument("--tolerance", type=float, default=0.03, help="largest relative difference accepted (default 0.03)")
     _add_eval_outputs(st, "out/eval-stability")
+    from .eval.sinkgrid import add_parser as add_sinkgrid
+
+    add_sinkgrid(evs)
     ch = evs.add_parser("chat", help="MT-Bench (80 x 2 turns) as one endless chat, and a dense baseline until it breaks")
     ch.add_argument("--questions", type=int, default=80, help="MT-Bench questions to use (default all 80)")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
@@ -170,6 +173,10 @@ def _validate(args) -> None:
 
     if args.command == "train":
         from .traincli import validate
+
+        return validate(args, UsageError)
+    if args.command == "eval" and args.eval_command == "sinkgrid":
+        from .eval.sinkgrid import validate
 
         return validate(args, UsageError)
     if args.dtype not in DTYPES:

@@ -165,6 +165,7 @@ def export_model(model, tokenizer, out_dir: str | Path) -> Path:
     if "rope_theta" in rope:  # transformers 4.x reads rope_theta at top level
         config.setdefault("rope_theta", rope["rope_theta"])
     config.pop("_name_or_path", None)
+    config.pop("quantization_config", None)  # a GGUF model's: the weights written here are dequantized
     config["torch_dtype"] = config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     model.generation_config.save_pretrained(tmp)

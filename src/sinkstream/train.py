@@ -209,7 +209,7 @@ def _save(model, tokenizer, opt, step: int, cfg: TrainConfig, folder: Path) -> N
 
 
 def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resume: bool = False,
-          progress: bool = True, log=print) -> dict:
+          progress: bool = True, eval_source: str | None = None) -> dict:
     """Train; returns the summary (also written to ``out/summary.json``)."""
     from tqdm import tqdm
 
@@ -247,7 +247,8 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
     params = sum(p.numel() for p in model.parameters())
     (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"parameters": params,
                                                                     "train_tokens": int(len(train_ids)),
-                                                                    "eval_tokens": int(len(eval_ids))}, indent=2))
+                                                                    "eval_tokens": int(len(eval_ids)),
+                                                                    "eval_source": eval_source}, indent=2))
     t0, tokens, ema, first_loss = time.perf_counter(), 0, None, None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=f"train {cfg.sink_mode}", unit="step")

@@ -73,8 +73,9 @@ def run(args, UsageError) -> int:
         torch.set_num_threads(args.threads)
     train_text, eval_text = _texts(args, UsageError)
     try:
+        source = str(Path(args.eval_text).resolve()) if args.text else f"gutenberg:{args.eval_book}"
         summary = train(args.train_config, train_text, eval_text, Path(args.out), resume=args.resume,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, eval_source=source)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(json.dumps(summary), flush=True)

