@@ -168,17 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose options, checks and run live in their own module (``validate(args, UsageError)`` and
+# ``run(args, UsageError)``); model and cache options are checked here first unless the module has none
+_MODULES = {"bench": "benchcli", "serve": "server.cli", "train": "traincli", "eval": "eval.cli", "attn": "eval.cli",
+            "sinkgrid": "eval.sinkgrid"}
+_NO_MODEL_OPTIONS = ("train", "sinkgrid")
+
+
+def _module(args):
+    import importlib
+
+    name = "sinkgrid" if getattr(args, "eval_command", None) == "sinkgrid" else args.command
+    return name, importlib.import_module(f".{_MODULES[name]}", __package__) if name in _MODULES else None
+
+
 def _validate(args) -> None:
     from .models import DTYPES, ModelLoadError, resolve
 
-    if args.command == "train":
-        from .traincli import validate
-
-        return validate(args, UsageError)
-    if args.command == "eval" and args.eval_command == "sinkgrid":
-        from .eval.sinkgrid import validate
-
-        return validate(args, UsageError)
+    name, module = _module(args)
+    if name in _NO_MODEL_OPTIONS:
+        return module.validate(args, UsageError)
     if args.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{args.dtype}'; choose one of {', '.join(DTYPES)}")
     try:
@@ -188,27 +197,15 @@ def _validate(args) -> None:
     if args.command == "export":
         return
     if args.command == "attn":
-        from .eval.cli import validate
-
-        return validate(args, UsageError)
+        return module.validate(args, UsageError)
     if args.window <= 0:
         raise UsageError(f"--window must be > 0, got {args.window}")
     if args.sink < 0:
         raise UsageError(f"--sink must be >= 0, got {args.sink}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be > 0, got {args.threads}")
-    if args.command == "eval":
-        from .eval.cli import validate
-
-        return validate(args, UsageError)
-    if args.command == "bench":
-        from .benchcli import validate
-
-        return validate(args, UsageError)
-    if args.command == "serve":
-        from .server.cli import validate
-
-        return validate(args, UsageError)
+    if module is not None:
+        return module.validate(args, UsageError)
     from .engine import SamplingParams
 
     try:  # SamplingParams holds the rules; report them with the option's name
@@ -403,22 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _validate(args)
-        if args.command == "bench":
-            from .benchcli import run
-
-            return run(args, UsageError)
-        if args.command == "serve":
-            from .server.cli import run
-
-            return run(args, UsageError)
-        if args.command == "train":
-            from .traincli import run
-
-            return run(args, UsageError)
-        if args.command in ("eval", "attn"):
-            from .eval.cli import run
-
-            return run(args, UsageError)
+        _, module = _module(args)
+        if module is not None:
+            return module.run(args, UsageError)
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export}[args.command](args)
     except UsageError as e:
         print(f"sinkstream: error: {e}", file=sys.stderr)

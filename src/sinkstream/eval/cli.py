@@ -107,10 +107,6 @@ def _slug(label: str) -> str:
 def run(args, UsageError) -> int:
     if args.command == "attn":
         return run_attn(args, UsageError)
-    if args.eval_command == "sinkgrid":
-        from .sinkgrid import run as run_sinkgrid
-
-        return run_sinkgrid(args, UsageError)
     return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval, "chat": run_chat,
             "stability": run_stability}[args.eval_command](args, UsageError)
 
