@@ -151,3 +151,9 @@ def test_sinkgrid(trained, tmp_path, capsys):
         assert len(rows[mode]["first_token_mass"]) == 2 and all(0 <= m <= 1 for m in rows[mode]["first_token_mass"])
     assert (tmp_path / "grid" / "sinkgrid.md").is_file() and (tmp_path / "grid" / "sinkgrid.png").is_file()
     assert main(["eval", "sinkgrid", "--runs", str(tmp_path)]) == 2  # no runs there: one line, exit 2
+    capsys.readouterr()
+    for mode in ("learnable", "zero"):  # `sinkstream attn` on a trained model: its own sink first, its own softmax
+        assert main(["attn", "--model", str(runs / mode / "final"), "--text", str(held_out), "--tokens", "20",
+                     "--out", str(tmp_path / f"attn-{mode}"), "--json"]) == 0
+        attn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (attn["first_token"] == "<|sink|>") == (mode == "learnable")

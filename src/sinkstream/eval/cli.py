@@ -215,7 +215,7 @@ def _model(args, UsageError, attn=None):
         raise UsageError(str(e)) from None
     from ..attention import sink_mode
 
-    if sink_mode(model.config) == "learnable" and hasattr(args, "bos"):
+    if sink_mode(model.config) == "learnable":
         args.bos = True  # its trained <|sink|> token (the tokenizer's BOS) starts every stream, as in training
     return model, tok
 
