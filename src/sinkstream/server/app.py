@@ -330,15 +330,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     async def _events(turn: Turn, request: Request):
         """The job's events as they come; on ``done`` the turn is committed (or rolled back) first.
         Leaving early (client gone) cancels the job and rolls the session back."""
-        job = turn.job
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(job.events.queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            async for event in _queue_items(turn.job.events.queue, request):
                 if event[0] == "token":
                     yield event
                     continue
@@ -350,6 +343,15 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                 return
         finally:
             _end(turn)
+
+    async def _queue_items(queue: asyncio.Queue, request: Request):
+        """Items from ``queue`` as they come; ends when the client has gone (checked every second)."""
+        while True:
+            try:
+                yield await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
 
     async def _commit(turn: Turn) -> None:
         job = turn.job
@@ -405,6 +407,10 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         body = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
         return f"data: {body}\n\n"
 
+    def _sse_failed(error: str) -> str:
+        return _sse(P.ErrorBody(error=P.ErrorDetail(message=f"generation failed: {error}", type="server_error",
+                                                    code="generation_failed")))
+
     async def _chat_stream(turn: Turn, req: P.ChatCompletionRequest, rid: str, request: Request):
         created = P.now()
 
@@ -419,8 +425,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                 yield chunk(P.Delta(content=text), logprobs=logprobs)
         if not turn.committed:
             if turn.error != "cancelled":
-                yield _sse(P.ErrorBody(error=P.ErrorDetail(message=f"generation failed: {turn.error}",
-                                                           type="server_error", code="generation_failed")))
+                yield _sse_failed(turn.error)
                 yield "data: [DONE]\n\n"
             return
         yield chunk(P.Delta(), finish=turn.finish_reason, session=turn.info)
@@ -433,13 +438,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         """Events of several jobs sharing one queue, as (index, event); ends when all are done."""
         live = set(range(len(turns)))
         try:
-            while live:
-                try:
-                    i, event = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            async for i, event in _queue_items(queue, request):
                 if event[0] == "token":
                     yield i, event
                     continue
@@ -450,6 +449,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                 else:
                     t.error = event[1] if event[0] == "error" else "cancelled"
                 live.discard(i)
+                if not live:
+                    return
         finally:
             for t in turns:
                 _end(t)
@@ -473,8 +474,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
             failed = next(t for t in turns if not t.committed)
             if failed.error == "cancelled":
                 return
-            yield _sse(P.ErrorBody(error=P.ErrorDetail(message=f"generation failed: {failed.error}",
-                                                       type="server_error", code="generation_failed")))
+            yield _sse_failed(failed.error)
         elif req.include_usage:
             yield _sse(P.Completion(id=rid, created=created, model=config.model_name, choices=[],
                                     usage=_sum_usage(turns)))
