@@ -368,7 +368,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     def _end(turn: Turn) -> None:
         if not turn.committed and turn.error is None:
             turn.error = "cancelled"
-        if turn.finish_reason is None or not turn.committed:
+        if not turn.committed:  # committed implies the job finished
             turn.job.cancel.set()
         if turn.session is not None:
             (store.keep if turn.committed else store.rollback)(turn.session)
