@@ -124,7 +124,7 @@ def batches(ids: np.ndarray, cfg: TrainConfig, sink_id: int):
     ``cfg.seed``), with the sink token first in learnable mode."""
     text_len = cfg.seq - (cfg.sink_mode == "learnable")
     data = torch.from_numpy(ids.astype(np.int64))
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+    g = torch.Generator()  # reseeded per step: a step's batch depends on (seed, step) only, so resuming repeats it
 
     def get(step: int) -> torch.Tensor:
         g.manual_seed(cfg.seed * 1_000_003 + step)
