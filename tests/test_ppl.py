@@ -75,6 +75,23 @@ def test_attention_maps_every_family(family):
         np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-4)  # rows are distributions over keys
     assert np.triu(maps, 1).max() == 0  # causal
     assert first_token_mass(maps).shape == (2,)
+    heads = attention_maps(model, random_ids(24)[0], per_head=True)
+    assert heads.shape[:2] == (2, model.config.num_attention_heads)
+    np.testing.assert_allclose(heads.mean(axis=1), maps, atol=1e-6)
+
+
+def test_sink_head_mass_finds_one_sink_head():
+    from sinkstream.eval.attn import first_token_mass, sink_head_mass
+
+    n = 64
+    uniform = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
+    sink = uniform * 0.5
+    sink[:, 0] += 0.5  # half of every row on token 0
+    maps = np.stack([np.stack([uniform, uniform, uniform, uniform]), np.stack([uniform, sink, uniform, uniform])])
+    got = sink_head_mass(maps)
+    late = np.mean(1 / np.arange(n // 2 + 1, n + 1))
+    np.testing.assert_allclose(got, [late, 0.5 + 0.5 * late])
+    assert first_token_mass(maps.mean(axis=1))[1] < 0.2  # the head average hides it
 
 
 @torch.no_grad()

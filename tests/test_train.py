@@ -53,6 +53,9 @@ def test_training_lowers_the_loss(trained, mode):
     assert [r["step"] for r in rows] == list(range(1, 61))
     held = [r["held_out_loss"] for r in rows if "held_out_loss" in r]
     assert len(held) == 2 and held[1] < held[0]
+    sink = [r for r in rows if "sink_head_mass" in r]
+    assert len(sink) == 2 and all(len(r["sink_head_mass"]) == len(r["first_token_mass"]) == 2 for r in sink)
+    assert all(0 < m <= 1 for r in sink for m in r["sink_head_mass"] + r["first_token_mass"])
     assert (folder / "final" / "config.json").is_file() and (folder / "loss.png").is_file()
     model, tok = load_model(str(folder / "final"))
     assert model.config.sinkstream_sink_mode == mode
@@ -148,7 +151,8 @@ def test_sinkgrid(trained, tmp_path, capsys):
         # the whole cache as window: close to recomputing (not equal: streamed keys keep their old context)
         assert rows[mode][f"{col} (sample)"] == pytest.approx(rows[mode]["dense_in_training_length"], rel=0.05)
         assert all(1 < rows[mode][f"{k}+{32 - k}"] < 300 for k in (0, 1, 2, 4))
-        assert len(rows[mode]["first_token_mass"]) == 2 and all(0 <= m <= 1 for m in rows[mode]["first_token_mass"])
+        for key in ("first_token_mass", "sink_head_mass"):
+            assert len(rows[mode][key]) == 2 and all(0 <= m <= 1 for m in rows[mode][key])
     assert (tmp_path / "grid" / "sinkgrid.md").is_file() and (tmp_path / "grid" / "sinkgrid.png").is_file()
     assert main(["eval", "sinkgrid", "--runs", str(tmp_path)]) == 2  # no runs there: one line, exit 2
     capsys.readouterr()

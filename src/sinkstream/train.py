@@ -171,19 +171,40 @@ def optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
                              lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-@torch.no_grad()
-def held_out_loss(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int = 16) -> float:
-    """Mean next-token loss on ``windows`` evenly spaced training-length windows of the held-out text."""
-    was = model.training
-    model.eval()
+def _held_out_windows(ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int) -> torch.Tensor:
+    """``windows`` evenly spaced training-length windows of the held-out text (the sink first in learnable mode)."""
     text_len = cfg.seq - (cfg.sink_mode == "learnable")
     starts = np.linspace(0, len(ids) - text_len - 1, windows).astype(int)
     x = torch.stack([torch.from_numpy(ids[s : s + text_len].astype(np.int64)) for s in starts])
     if cfg.sink_mode == "learnable":
         x = torch.cat([torch.full((len(x), 1), sink_id, dtype=x.dtype), x], dim=1)
+    return x
+
+
+@torch.no_grad()
+def held_out_loss(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int = 16) -> float:
+    """Mean next-token loss on ``windows`` evenly spaced training-length windows of the held-out text."""
+    was = model.training
+    model.eval()
+    x = _held_out_windows(ids, cfg, sink_id, windows)
     loss = float(model(input_ids=x, labels=x).loss)  # the sink (position 0) is never a target
     model.train(was)
     return loss
+
+
+@torch.no_grad()
+def held_out_sink(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int = 4) -> dict:
+    """Is there a sink yet? Per layer, over ``windows`` held-out windows: the attention mass on the first
+    token (mean over heads and queries) and the strongest head's mass on it from the late queries."""
+    from .eval.attn import attention_maps, first_token_mass, sink_head_mass
+
+    was = model.training
+    model.eval()
+    maps = np.mean([attention_maps(model, w, per_head=True) for w in _held_out_windows(ids, cfg, sink_id, windows)],
+                   axis=0)
+    model.train(was)
+    return {"first_token_mass": [round(float(m), 4) for m in first_token_mass(maps.mean(axis=1))],
+            "sink_head_mass": [round(float(m), 4) for m in sink_head_mass(maps)]}
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -270,6 +291,7 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
             row = {"step": step + 1, "loss": round(value, 4), "lr": round(lr, 6), "grad_norm": round(norm, 3)}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row["held_out_loss"] = round(held_out_loss(model, eval_ids, cfg, sink_id), 4)
+                row |= held_out_sink(model, eval_ids, cfg, sink_id)
             logf.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
@@ -285,12 +307,12 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
                "last_loss_avg10": round(float(np.mean([r["loss"] for r in rows[-10:]])), 4) if rows else None,
                "held_out_loss": next((r["held_out_loss"] for r in reversed(rows) if "held_out_loss" in r), None),
                "model": str(out / "final")}
-    plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}")
+    plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def plot_losses(rows: list[dict], path: Path, title: str) -> None:
+def plot_losses(rows: list[dict], path: Path, title: str, seq: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,7 +320,9 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
 
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    sink = [(r["step"], r["sink_head_mass"]) for r in rows if "sink_head_mass" in r]
+    fig, axes = plt.subplots(1, 2 if sink else 1, figsize=(12 if sink else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     steps = [r["step"] for r in rows]
     losses = np.array([r["loss"] for r in rows])
     k = max(1, len(losses) // 100)
@@ -311,6 +335,19 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.legend()
+    if sink:
+        b = axes[0, 1]
+        at, mass = zip(*sink)
+        for layer, ys in enumerate(zip(*mass)):
+            b.plot(at, ys, "o-", ms=3, label=f"layer {layer}")
+        if seq:
+            uniform = np.mean([1 / (q + 1) for q in range(seq // 2, seq)])
+            b.axhline(float(uniform), color="grey", ls="--", lw=1, label="uniform attention")
+        b.set_xlabel("step")
+        b.set_ylabel("strongest head's mass on token 0 (late queries)")
+        b.set_yscale("log")
+        b.set_title("a sink forming?")
+        b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attn import attention_maps, first_token_mass
+from .attn import attention_maps, first_token_mass, sink_head_mass
 from .ppl import perplexity, recompute_nll, run_method
 
 MODES = ("vanilla", "zero", "learnable")
@@ -39,8 +39,9 @@ def evaluate(model, ids: torch.Tensor, cache: int, sinks, *, stride: int, chunk:
         nll, info = run_method(model, ids, "streaming", s, cache - s, chunk=chunk, first=first, progress=progress)
         row[f"{s}+{cache - s}"] = info["ppl"]
         row[f"{s}+{cache - s} (sample)"] = round(perplexity(np.where(sample, nll, np.nan)), 3)
-    mass = first_token_mass(attention_maps(model, ids[:cache]))
-    row["first_token_mass"] = [round(float(m), 4) for m in mass]
+    maps = attention_maps(model, ids[:cache], per_head=True)
+    row["first_token_mass"] = [round(float(m), 4) for m in first_token_mass(maps.mean(axis=1))]
+    row["sink_head_mass"] = [round(float(m), 4) for m in sink_head_mass(maps)]
     return row
 
 
@@ -58,6 +59,13 @@ def markdown(rows: dict[str, dict], cache: int, sinks, tokens: int, stride: int)
               "|---|" + "---:|" * len(next(iter(rows.values()))["first_token_mass"])]
     for mode, r in rows.items():
         lines.append(f"| {mode} | " + " | ".join(f"{m:.2f}" for m in r["first_token_mass"]) + " |")
+    n = len(next(iter(rows.values()))["sink_head_mass"])
+    uniform = np.mean(1 / np.arange(cache // 2 + 1, cache + 1))
+    lines += ["", f"The strongest head's attention on the first token from the last {cache - cache // 2} queries "
+              f"(uniform attention: {uniform:.4f}; a sink head: tenths):", "",
+              "| pre-training | " + " | ".join(f"L{i}" for i in range(n)) + " |", "|---|" + "---:|" * n]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | " + " | ".join(f"{m:.4f}" for m in r["sink_head_mass"]) + " |")
     return "\n".join(lines) + "\n"
 
 
