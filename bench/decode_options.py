@@ -1,11 +1,12 @@
 """Decode-step options side by side, interleaved in one process (the machine's speed drifts, so
-each option runs 16-step blocks in turn): attention implementation, inference mode, oneDNN
-matmuls for one-row steps, and torch.compile of the MLPs and LM head.
+each option runs 16-step blocks in turn): attention implementation, the weights' memory layout,
+inference mode, oneDNN matmuls for one-row steps, and torch.compile of the MLPs and LM head.
 
     python bench/decode_options.py --out out/bench [--rounds 12]
 
 Every option streams the same text through its own engine (4 + 1020, 1,500 tokens prefilled).
-The compiled option uses a second copy of the model. The last line is one JSON object: per option
+"sdpa" is the foundation's step: standard [out, in] weights, SDPA. The layout options use a copy
+of the model with ``decode_layout`` (load_model's default on CPU); the compiled option a third. The last line is one JSON object: per option
 the median and quartiles of its step times and its speed relative to "sdpa" (the foundation's).
 """
 
@@ -51,8 +52,9 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model()
-    compiled, _ = load_model()
+    model, tok = load_model(decode_layout=False)
+    laid, _ = load_model(decode_layout=True)
+    compiled, _ = load_model(decode_layout=False)
     register()
     compile_for_decode(compiled)
     ids = tok(gutenberg_text(max_chars=200_000), add_special_tokens=False).input_ids
@@ -61,7 +63,9 @@ def main() -> None:
         "sdpa": (model, "sdpa", torch.no_grad, nullcontext),
         "eager": (model, "eager", torch.no_grad, nullcontext),
         "sinkstream attention": (model, "sinkstream", torch.no_grad, nullcontext),
-        "sinkstream + inference_mode": (model, "sinkstream", torch.inference_mode, nullcontext),
+        "sinkstream + decode layout (default)": (laid, "sinkstream", torch.no_grad, nullcontext),
+        "decode layout + inference_mode": (laid, "sinkstream", torch.inference_mode, nullcontext),
+        "decode layout + oneDNN one-row matmuls": (laid, "sinkstream", torch.no_grad, fast_cpu_matmul),
         "sinkstream + oneDNN one-row matmuls": (model, "sinkstream", torch.no_grad, fast_cpu_matmul),
         "sinkstream + compiled MLP/LM head": (compiled, "sinkstream", torch.no_grad, nullcontext),
     }

@@ -29,3 +29,51 @@ def test_bad_mode_is_a_clear_error(monkeypatch):
         with kernels.fast_cpu_matmul():
             pass
 
+
+
+@torch.no_grad()
+def test_decode_layout_keeps_every_family_s_logits_and_greedy_tokens(family):
+    import copy
+
+    from helpers import random_ids, tiny_model, tiny_tokenizer
+
+    from sinkstream import Engine
+
+    ref = tiny_model(family, layers=2)
+    fast = copy.deepcopy(ref)
+    moved = kernels.decode_layout(fast)
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert moved >= 2 and all(not m.weight.is_contiguous() for m in linears if min(m.weight.shape) > 1)
+    out_emb, in_emb = fast.get_output_embeddings(), fast.get_input_embeddings()
+    if ref.get_output_embeddings().weight is ref.get_input_embeddings().weight:
+        assert out_emb.weight is in_emb.weight  # still tied: one tensor moved once
+    ids = random_ids(40)
+    torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    tok = tiny_tokenizer()
+    runs = []
+    for model in (ref, fast):
+        engine = Engine(model, tok, n_sink=2, window=14)
+        logits = engine.prefill(ids[0, :20].tolist())
+        tokens = []
+        for _ in range(40):  # past the 16-token cache: evictions and rebases on the moved weights
+            tokens.append(int(logits.argmax()))
+            logits = engine.step(tokens[-1])
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
+def test_decode_layout_models_export_and_save(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sinkstream import export_model, load_model
+
+    model, tok = load_model(str(tiny_dir))
+    assert any(not p.is_contiguous() for p in model.parameters())  # on by default on CPU
+    plain, _ = load_model(str(tiny_dir), decode_layout=False)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    export_model(model, tok, tmp_path / "exported")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    for (name, a), b in zip(plain.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert kernels.standard_layout(model) > 0 and all(p.is_contiguous() for p in model.parameters())
+    model.save_pretrained(tmp_path / "saved")  # what save_pretrained needs

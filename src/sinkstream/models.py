@@ -183,12 +183,16 @@ def _converted_dir(folder: Path, gguf: str) -> Path:
 
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, decode_layout: bool | None = None):
     """Load (model, tokenizer). ``None`` is the embedded SmolLM2-135M-Instruct.
 
     ``name_or_path``: a registry name (see ``KNOWN_MODELS``), a ``.gguf`` file, or a local
     Hugging Face model folder. Nothing is downloaded. A GGUF file is dequantized once and the
     float32 result kept under ``$SINKSTREAM_CACHE`` (default ``~/.cache/sinkstream``).
+
+    ``decode_layout`` (default: on for CPU) stores linear weights transposed in memory, which makes
+    one-token decode steps faster on CPU (``kernels.decode_layout``); ``save_pretrained`` then needs
+    ``kernels.standard_layout(model)`` first (``export_model`` needs nothing).
     """
     torch_dtype = parse_dtype(dtype)
     if attn_implementation == "sinkstream":
@@ -210,13 +214,13 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
                 logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
                 if attn_implementation:
                     model.set_attn_implementation(attn_implementation)
-                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation)
+                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation, decode_layout)
         folder, gguf = converted, None
     model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
-    return _finish(model, tokenizer, device, attn_implementation)
+    return _finish(model, tokenizer, device, attn_implementation, decode_layout)
 
 
-def _finish(model, tokenizer, device, attn_implementation=None):
+def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=None):
     check_supported(model.config)
     from .attention import ZERO_EAGER, ZERO_NAME, sink_mode
 
@@ -229,7 +233,12 @@ def _finish(model, tokenizer, device, attn_implementation=None):
         name = default_attention(model)
         if name:
             model.set_attn_implementation(name)
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    from . import kernels
+
+    if kernels.decode_layout_wanted(device) if decode_layout is None else decode_layout:
+        kernels.decode_layout(model)
+    return model, tokenizer
 
 
 def _load(folder: Path, gguf: str | None, torch_dtype, attn_implementation):
