@@ -154,6 +154,10 @@ def test_sinkgrid(trained, tmp_path, capsys):
         for key in ("first_token_mass", "sink_head_mass"):
             assert len(rows[mode][key]) == 2 and all(0 <= m <= 1 for m in rows[mode][key])
     assert (tmp_path / "grid" / "sinkgrid.md").is_file() and (tmp_path / "grid" / "sinkgrid.png").is_file()
+    curves = summary["training"]  # the sink measures the training logged at steps 30 and 60
+    assert list(curves) == ["vanilla", "zero", "learnable"]
+    assert [r["tokens"] for r in curves["vanilla"]] == [30 * 8 * 32, 60 * 8 * 32]
+    assert (tmp_path / "grid" / "sink_over_training.png").is_file()
     assert main(["eval", "sinkgrid", "--runs", str(tmp_path)]) == 2  # no runs there: one line, exit 2
     capsys.readouterr()
     for mode in ("learnable", "zero"):  # `sinkstream attn` on a trained model: its own sink first, its own softmax

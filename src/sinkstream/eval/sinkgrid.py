@@ -94,6 +94,46 @@ def plot(rows: dict[str, dict], cache: int, sinks, path, title: str) -> None:
     plt.close(fig)
 
 
+def training_curves(runs, modes) -> dict[str, list[dict]]:
+    """Per mode, from its ``train_log.jsonl``: tokens trained and the sink measures at every evaluation."""
+    import json
+    from pathlib import Path
+
+    curves = {}
+    for mode in modes:
+        folder = Path(runs) / mode
+        log, cfg = folder / "train_log.jsonl", folder / "train_config.json"
+        if not (log.is_file() and cfg.is_file()):
+            continue
+        c = json.loads(cfg.read_text())
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        curves[mode] = [{"tokens": r["step"] * c["batch"] * c["seq"], "sink_head_mass": r["sink_head_mass"],
+                         "first_token_mass": r["first_token_mass"]} for r in rows if "sink_head_mass" in r]
+    return {m: c for m, c in curves.items() if c}
+
+
+def plot_curves(curves: dict[str, list[dict]], cache: int, path, title: str) -> None:
+    """The strongest head's late-query mass on token 0 (max over layers) against tokens trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, rows in curves.items():
+        ax.plot([r["tokens"] for r in rows], [max(r["sink_head_mass"]) for r in rows], "o-", ms=3, label=mode)
+    ax.axhline(float(np.mean(1 / np.arange(cache // 2 + 1, cache + 1))), color="grey", ls="--", lw=1,
+               label="uniform attention")
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel("strongest head's mass on token 0 (late queries)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # -- CLI ---------------------------------------------------------------------------------------------
 def add_parser(evs) -> None:
     g = evs.add_parser("sinkgrid", help="the paper's Table 3 on `sinkstream train` runs: vanilla / zero / learnable "
@@ -186,7 +226,10 @@ def run(args, UsageError) -> int:
     table = markdown(rows, cache, sinks, args.tokens, args.stride)
     (out / "sinkgrid.md").write_text(f"# Sink token in pre-training: {args.runs}, {source}\n\n{table}")
     plot(rows, cache, sinks, out / "sinkgrid.png", f"{args.runs} · {source} · cache {cache} = training length")
+    curves = training_curves(args.runs, args.modes)
+    if curves:  # logged by `sinkstream train` at every evaluation
+        plot_curves(curves, cache, out / "sink_over_training.png", f"{args.runs}: a sink forming during training?")
     if not args.json:
         print(table, file=sys.stderr)
     return _finish({"command": "eval sinkgrid", "runs": str(args.runs), "text": source, "tokens": args.tokens,
-                    "cache": cache, "sinks": sinks, "rows": rows}, out, args)
+                    "cache": cache, "sinks": sinks, "rows": rows, "training": curves}, out, args)
