@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import resource
 import time
+from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .cache import SinkCache
+from .kernels import fast_cpu_matmul
 from .positions import ALIBI_FAMILIES
 
 
@@ -148,7 +150,12 @@ def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False
                    rebase: bool = True) -> tuple[torch.Tensor, bool]:
     """Feed ``ids`` [B, q] to ``model`` through ``cache``; return (last logits [B, V], whether the
     cache was rebased first). ``rows_differ``: the rows are streams of different lengths (per-row
-    positions and mask). The one forward the engine and the server's worker share."""
+    positions and mask). The one forward the engine and the server's worker share.
+
+    One-token steps run their fp32 matmuls on oneDNN where that is fp32-exact (``fast_cpu_matmul``):
+    with the decode weight layout it is 1.2x MKL here (README, issue 6). Their shapes are few (one
+    per weight and batch size), so oneDNN's per-shape primitive cache stays small; many-row prefill
+    chunks of every length keep PyTorch's default kernels."""
     rebased = False
     if rebase and isinstance(cache, SinkCache) and cache.get_seq_length() + ids.shape[-1] > cache.n_sink + 2 * cache.window:
         rebased = cache.rebase() > 0  # amortized: one window re-rotation per ~window tokens
@@ -157,8 +164,11 @@ def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False
         kw["attention_mask"] = cache.attention_mask(model.dtype, ids.device)
         if getattr(model.config, "model_type", None) not in ALIBI_FAMILIES:
             kw["position_ids"] = cache.position_ids(ids.shape[-1], ids.device)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+    one_row = ids.shape[-1] == 1 and ids.device.type == "cpu"
+    with fast_cpu_matmul() if one_row else nullcontext():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
     return out.logits[:, -1], rebased
+
 
 
 class Engine:

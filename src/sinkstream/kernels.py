@@ -100,6 +100,10 @@ def decode_layout(model) -> int:
                 and w.device.type == "cpu" and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
             w.data = w.data.t().contiguous().t()
             moved += 1
+    if moved:  # the rest too: one tensor still on the loaded file's memory map keeps all its pages in RSS
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_contiguous() and t.device.type == "cpu":
+                t.data = t.data.clone()
     return moved
 
 
