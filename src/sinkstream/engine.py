@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import resource
 import time
-from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -168,7 +168,6 @@ def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False
     with fast_cpu_matmul() if one_row else nullcontext():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
     return out.logits[:, -1], rebased
-
 
 
 class Engine:
