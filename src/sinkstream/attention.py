@@ -27,6 +27,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .kernels import default_matmul
+
 ATTN_NAME = "sinkstream"
 
 
@@ -42,6 +44,11 @@ def stream_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                                       is_causal=is_causal, **kwargs)
     kvh, n = key.shape[1], key.shape[-2]
     scale = scaling if scaling is not None else d**-0.5
+    with default_matmul():  # not oneDNN: it would cache a primitive per key length (RSS grew 1.3 MB a step)
+        return _one_query(query, key, value, attention_mask, scale, b, h, kvh, n, d)
+
+
+def _one_query(query, key, value, attention_mask, scale, b, h, kvh, n, d):
     scores = torch.matmul((query * scale).reshape(b, kvh, h // kvh, d), key.transpose(-1, -2))  # [B, KVH, G, n]
     if attention_mask is not None:
         mask = attention_mask[:, :, -1, -n:]  # [B, 1 or H, n]

@@ -67,6 +67,13 @@ def _precision(value: str) -> Iterator[None]:
 
 
 @contextmanager
+def default_matmul() -> Iterator[None]:
+    """Inside the block, PyTorch's default fp32 CPU matmuls (undoes ``fast_cpu_matmul`` there)."""
+    with _precision("none"):
+        yield
+
+
+@contextmanager
 def fast_cpu_matmul() -> Iterator[bool]:
     """Inside the block, fp32 CPU matmuls run on oneDNN where that is fp32-exact (yields whether it is on)."""
     mode = _mode()
