@@ -12,9 +12,10 @@ the median and quartiles of its step times and its speed relative to "sdpa" (the
 
 import argparse
 import json
+import os
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,20 @@ def compile_for_decode(model) -> list[str]:
     return names + (["lm_head"] if head is not None else [])
 
 
+@contextmanager
+def mkl_steps():
+    """PyTorch's default kernels for the engine's one-token steps too (they run oneDNN by default)."""
+    before = os.environ.get("SINKSTREAM_CPU_MATMUL")
+    os.environ["SINKSTREAM_CPU_MATMUL"] = "default"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SINKSTREAM_CPU_MATMUL"]
+        else:
+            os.environ["SINKSTREAM_CPU_MATMUL"] = before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=12)
@@ -60,14 +75,14 @@ def main() -> None:
     ids = tok(gutenberg_text(max_chars=200_000), add_special_tokens=False).input_ids
     # name: (model, attention, grad mode, matmul kernels)
     options = {
-        "sdpa": (model, "sdpa", torch.no_grad, nullcontext),
-        "eager": (model, "eager", torch.no_grad, nullcontext),
-        "sinkstream attention": (model, "sinkstream", torch.no_grad, nullcontext),
-        "sinkstream + decode layout (default)": (laid, "sinkstream", torch.no_grad, nullcontext),
-        "decode layout + inference_mode": (laid, "sinkstream", torch.inference_mode, nullcontext),
-        "decode layout + oneDNN one-row matmuls": (laid, "sinkstream", torch.no_grad, fast_cpu_matmul),
+        "sdpa": (model, "sdpa", torch.no_grad, mkl_steps),
+        "eager": (model, "eager", torch.no_grad, mkl_steps),
+        "sinkstream attention": (model, "sinkstream", torch.no_grad, mkl_steps),
+        "sinkstream + decode layout": (laid, "sinkstream", torch.no_grad, mkl_steps),
+        "decode layout + inference_mode": (laid, "sinkstream", torch.inference_mode, mkl_steps),
+        "decode layout + oneDNN one-row matmuls (default)": (laid, "sinkstream", torch.no_grad, fast_cpu_matmul),
         "sinkstream + oneDNN one-row matmuls": (model, "sinkstream", torch.no_grad, fast_cpu_matmul),
-        "sinkstream + compiled MLP/LM head": (compiled, "sinkstream", torch.no_grad, nullcontext),
+        "sinkstream + compiled MLP/LM head": (compiled, "sinkstream", torch.no_grad, mkl_steps),
     }
     engines, pos, times = {}, {}, {k: [] for k in options}
     for name, (m, attn, grad, kernels) in options.items():
