@@ -8,10 +8,11 @@ arithmetic: where oneDNN has bf16 kernels for the shape (AMX CPUs) results reall
 So ``fast_cpu_matmul`` switches only after a probe shows oneDNN gives fp32-accurate results here.
 
 Measured with SmolLM2-135M, fp32, 2 cores (AMD EPYC, torch 2.13): a [256, 576] x [576, 1536]
-matmul 180 -> 430 GFLOP/s; exact chunked streaming evaluation 337 -> 610 tokens/s. One-row decode
-is slower under oneDNN (44 -> 50 ms per token in one run), so only the evaluation's many-row
-forwards use it. Not the engine's prefill either: oneDNN caches a primitive per matmul shape, and
-chat turns of ever-different lengths grew a process by ~190 MB over 10k tokens of chat.
+matmul 180 -> 430 GFLOP/s; exact chunked streaming evaluation 337 -> 610 tokens/s. One-token decode
+steps use it too, with the weights in ``decode_layout`` (39.6 -> 32.7 ms per token; with the
+standard layout oneDNN was slower than MKL). Not the engine's prefill, nor the one-query attention
+matmuls (``default_matmul``): oneDNN caches a primitive per matmul shape, and shapes that change
+with every chat turn or every step while the cache fills grew a process without bound.
 
 ``SINKSTREAM_CPU_MATMUL=default`` keeps PyTorch's choice everywhere; ``=onednn`` skips the probe.
 """
@@ -100,17 +101,67 @@ def decode_layout(model) -> int:
     ``export_model`` writes contiguous copies, or call ``standard_layout`` first.
     """
     moved = 0
+    mapped = _file_mappings()
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if isinstance(mod, torch.nn.Linear) and w is not None and w.dim() == 2 and w.is_floating_point() \
                 and w.device.type == "cpu" and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
-            w.data = w.data.t().contiguous().t()
+            old = w.data
+            w.data = old.t().contiguous().t()
+            _release(old, model, mapped)
             moved += 1
     if moved:  # the rest too: one tensor still on the loaded file's memory map keeps all its pages in RSS
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_contiguous() and t.device.type == "cpu":
-                t.data = t.data.clone()
+                old = t.data
+                t.data = old.clone()
+                _release(old, model, mapped)
     return moved
+
+
+# The loaded safetensors file is one private memory map that stays mapped until its last tensor is
+# freed, so every page the copies above read stays in RSS until the end: loading the embedded model
+# peaked at 1,389 MB instead of ~900. Each tensor's pages are handed back as soon as nothing in the
+# model views them. Only whole pages of a private *file* mapping are released: the kernel re-reads
+# them from the file if anything touches them again, so no data can be lost.
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of regular files (Linux; empty elsewhere)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[1].endswith("p") and parts[5].startswith("/") and os.path.isfile(parts[5]):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def _release(old: torch.Tensor, model, mapped: list[tuple[int, int]]) -> bool:
+    """Drop ``old``'s pages from RSS if it lies in a file mapping and no model tensor still uses its storage."""
+    if not mapped:
+        return False
+    storage = old.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    if size < _PAGE or not any(a <= start and start + size <= b for a, b in mapped):
+        return False
+    if any(t.untyped_storage().data_ptr() == start for t in [*model.parameters(), *model.buffers()]):
+        return False
+    first = -(-start // _PAGE) * _PAGE
+    last = (start + size) // _PAGE * _PAGE
+    if last <= first:
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(first, last - first, _MADV_DONTNEED) == 0
 
 
 def standard_layout(model) -> int:
