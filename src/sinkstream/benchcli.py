@@ -47,7 +47,7 @@ def run(args, UsageError) -> int:
     dense_to = min(x for x in (args.dense_tokens, max_pos, args.tokens if not max_pos else None) if x)
     dense_points = checkpoints_for(dense_to, DENSE_CHECKPOINTS)
     need = max([args.tokens] + ([dense_to] if "dense" in args.compare_list else [])
-               + ([max(args.caches) + 64 + args.measure] if "recompute" in args.compare_list else []))
+               + ([max(args.caches) + 65 + args.measure] if "recompute" in args.compare_list else []))
     ids, source = _text_ids(args, tok, UsageError, need)
     if len(ids) < need:
         raise UsageError(f"the text has {len(ids)} tokens, fewer than the {need} this run needs")

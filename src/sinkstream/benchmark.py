@@ -8,7 +8,8 @@ kernels and timed; the checkpoint reports their median and the process RSS.
 
 ``recompute`` (the paper's Figure 10): for each cache size C, the median time of a from-scratch
 forward over C tokens (what the sliding window with re-computation pays per token) against the
-median decode step of a 4 + (C - 4) sink cache that has seen more than C tokens.
+median decode step of a 4 + (C - 4) sink cache that has seen more than C tokens, the two timed in
+turns so that the machine's drift moves both.
 ``dense``: a plain growing cache, checkpoints up to the model's maximum positions.
 """
 
@@ -65,30 +66,49 @@ def run_checkpoints(engine: Engine, ids: Sequence[int], checkpoints: Sequence[in
     return out
 
 
+def _recompute_once(model, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    with fast_cpu_matmul():  # the many-row forward's fastest kernels: the baseline at its best
+        model(x, use_cache=False, logits_to_keep=1)
+    return (time.perf_counter() - t0) * 1000
+
+
 @torch.no_grad()
 def recompute_ms(model, ids: Sequence[int], reps: int = 3) -> float:
     """Median time of one from-scratch forward over ``ids`` (last position's logits only)."""
     x = torch.tensor([list(ids)], device=next(model.parameters()).device)
-    times = []
-    with fast_cpu_matmul():  # the many-row forward's fastest kernels: the baseline at its best
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            model(x, use_cache=False, logits_to_keep=1)
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times[1:])
+    _recompute_once(model, x)  # warm-up
+    return statistics.median(_recompute_once(model, x) for _ in range(reps))
 
 
+@torch.no_grad()
 def run_recompute(model, tokenizer, ids: Sequence[int], caches: Sequence[int], n_sink: int, measure: int,
                   reps: int = 3, progress: bool = True) -> dict:
-    """Per cache size: recompute ms, streaming ms (a full sink cache), and their ratio."""
+    """Per cache size: recompute ms, streaming ms (a full sink cache), and their ratio.
+
+    The two are timed in turns (one recompute forward, then a share of the ``measure`` streaming
+    steps, ``reps`` times), so a machine that speeds up or slows down during the run moves both.
+    """
     rows = {}
     for c in tqdm(caches, desc="recompute vs streaming", disable=not progress, unit="cache"):
-        engine = Engine(model, tokenizer, n_sink=min(n_sink, c - 1), window=c - min(n_sink, c - 1))
-        warm = c + 64  # the cache is full and has evicted
-        stream = run_checkpoints(engine, ids, [warm + measure], measure, progress=False)[str(warm + measure)]
-        rec = recompute_ms(model, ids[:c], reps)
-        rows[str(c)] = {"recompute_ms": round(rec, 2), "streaming_ms": stream["median_ms"],
-                        "ratio": round(rec / stream["median_ms"], 2)}
+        n = min(n_sink, c - 1)
+        engine = Engine(model, tokenizer, n_sink=n, window=c - n)
+        pos = c + 64  # the cache is full and has evicted
+        with fast_cpu_matmul():
+            engine.prefill(ids[:pos])
+        x = torch.tensor([list(ids[:c])], device=next(model.parameters()).device)
+        _recompute_once(model, x)  # warm-up
+        engine.step(ids[pos])
+        pos += 1
+        rec, stream = [], []
+        for r in range(reps):
+            rec.append(_recompute_once(model, x))
+            share = measure // reps + (r < measure % reps)
+            stream += _timed(engine.step, ids[pos : pos + share])
+            pos += share
+        rec_ms, stream_ms = statistics.median(rec), statistics.median(stream)
+        rows[str(c)] = {"recompute_ms": round(rec_ms, 2), "streaming_ms": round(stream_ms, 3),
+                        "ratio": round(rec_ms / stream_ms, 2)}
     return rows
 
 

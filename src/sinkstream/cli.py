@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--compare", default="", help="comma-separated: recompute, dense (default none)")
     bd.add_argument("--recompute-caches", default="256,512,1024,2048,4096",
                     help="cache sizes for --compare recompute (default 256,512,1024,2048,4096)")
-    bd.add_argument("--reps", type=int, default=3, help="recompute forwards timed per cache size (default 3)")
+    bd.add_argument("--reps", type=int, default=5, help="recompute forwards timed per cache size, in turns with the streaming steps (default 5)")
     bd.add_argument("--dense-tokens", type=int, default=None,
                     help="--compare dense: stream this far (default: the model's maximum positions)")
     _add_text_source(bd, required=False)
