@@ -46,12 +46,11 @@ def stream_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     scale = scaling if scaling is not None else d**-0.5
     with default_matmul():  # not oneDNN: it would cache a primitive per key length (RSS grew 1.3 MB a step)
         scores = torch.matmul((query * scale).reshape(b, kvh, h // kvh, d), key.transpose(-1, -2))  # [B, KVH, G, n]
-    if attention_mask is not None:
-        mask = attention_mask[:, :, -1, -n:]  # [B, 1 or H, n]
-        mask = mask.reshape(b, kvh, h // kvh, n) if mask.shape[1] == h else mask[:, :, None, :]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    with default_matmul():
+        if attention_mask is not None:
+            mask = attention_mask[:, :, -1, -n:]  # [B, 1 or H, n]
+            mask = mask.reshape(b, kvh, h // kvh, n) if mask.shape[1] == h else mask[:, :, None, :]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
         out = torch.matmul(probs, value)  # [B, KVH, G, D]
     return out.reshape(b, 1, h, d), None
 

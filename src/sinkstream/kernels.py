@@ -57,21 +57,28 @@ def onednn_is_fp32_exact() -> bool:
     return _probed
 
 
-@contextmanager
-def _precision(value: str) -> Iterator[None]:
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = value
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = before
+class _precision:
+    """Set ``torch.backends.mkldnn.matmul.fp32_precision`` inside a block (a class: entered twice a
+    layer on the decode path, where a generator-based context manager costs more)."""
+
+    __slots__ = ("value", "before")
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __enter__(self) -> None:
+        self.before = torch.backends.mkldnn.matmul.fp32_precision
+        if self.before != self.value:
+            torch.backends.mkldnn.matmul.fp32_precision = self.value
+
+    def __exit__(self, *exc) -> None:
+        if self.before != self.value:
+            torch.backends.mkldnn.matmul.fp32_precision = self.before
 
 
-@contextmanager
-def default_matmul() -> Iterator[None]:
+def default_matmul() -> _precision:
     """Inside the block, PyTorch's default fp32 CPU matmuls (undoes ``fast_cpu_matmul`` there)."""
-    with _precision("none"):
-        yield
+    return _precision("none")
 
 
 @contextmanager
