@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side: the same weights, text and cache sizes through sinkstream and the alternatives.
-#   bash bench/peers/run_all.sh [OUT=out/peers] [TOKENS=20000]
+#   bash bench/peers/run_all.sh [OUT=out/peers] [TOKENS=20000] [BRACKET=1]
+# sinkstream runs first and, with BRACKET=1 (the default), again after the peers: the machine's
+# speed drifts, and the two sinkstream rows show by how much over the run.
 # Peers are installed at run time into venvs under OUT (never committed). A peer that cannot be
 # installed or run gets a row saying why (the last line of its error).
 set -u
 OUT=${OUT:-out/peers}
 TOKENS=${TOKENS:-20000}
+BRACKET=${BRACKET:-1}
 PY=${PY:-.venv/bin/python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
@@ -45,4 +48,9 @@ run_peer attention_sinks "$OUT/venv-attention-sinks" "attention_sinks==0.4.0 ein
 run_peer hf_sinkcache "$OUT/venv-hf-sinkcache" "transformers==4.46.3" run_hf_sinkcache.py --model "$OUT/model" "${COMMON[@]}"
 run_peer llama_cpp "$OUT/venv-llama-cpp" "llama-cpp-python==0.3.36 numpy" run_llama_cpp.py \
     --gguf "$(cat "$OUT/gguf_path.txt")" "${COMMON[@]}"
+rm -f "$OUT/sinkstream_again.json"
+if [ "$BRACKET" = 1 ]; then
+    "$PY" "$HERE/run_sinkstream.py" --model "$OUT/model" "${COMMON[@]}" --out "$OUT/sinkstream_again.json" \
+        2>"$OUT/sinkstream_again.log" | tail -n 1
+fi
 "$PY" "$HERE/table.py" --out "$OUT"

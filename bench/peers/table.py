@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ["sinkstream", "attention_sinks", "hf_sinkcache", "llama_cpp"]
+ORDER = ["sinkstream", "attention_sinks", "hf_sinkcache", "llama_cpp", "sinkstream_again"]
 
 
 def main() -> None:
@@ -13,6 +13,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     rows = [json.loads((out / f"{n}.json").read_text()) for n in ORDER if (out / f"{n}.json").is_file()]
+    for n, r in zip([n for n in ORDER if (out / f"{n}.json").is_file()], rows):
+        if n == "sinkstream_again":
+            r["peer"] += " (again, after the peers)"
     lines = ["| peer | version | tokens/s at 1k | tokens/s at 20k | peak RSS MB | PPL (20k tokens) | note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
