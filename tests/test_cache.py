@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import random_ids, tiny_model
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sinkstream import SinkCache, UnsupportedModelError
 from sinkstream.engine import Engine
@@ -261,3 +262,72 @@ def test_state_round_trip_continues_bitwise(family, tmp_path):
     assert torch.equal(got, ref), (got - ref).abs().max()
     with pytest.raises(ValueError, match="snapshot"):
         SinkCache.from_state(tensors, meta | {"model_type": "bert"}, config=model.config)
+
+
+class _NaiveSinkLayer(CacheLayerMixin):
+    """The paper's rule the slow way, for one-token steps: every token's key is kept as it came (rotated
+    at the in-cache index the step gave it) with that index; eviction pops the oldest window token
+    from a list; every step re-rotates every kept key, in float64, from where it was rotated to its
+    present index in the cache. No ring buffer, no rebase, no re-used cos/sin."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, n_sink: int, window: int, inv_freq: torch.Tensor):
+        super().__init__()
+        self.n_sink, self.cap, self.inv_freq = n_sink, n_sink + window, inv_freq.double()
+        self.items: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (key, value, index rotated at)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def _rotate(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        rot = 2 * self.inv_freq.shape[0]
+        ang = delta * self.inv_freq
+        cos, sin = torch.cat((ang, ang)).cos(), torch.cat((ang, ang)).sin()
+        x = k.double()
+        r, rest = x[..., :rot], x[..., rot:]
+        half = torch.cat((-r[..., rot // 2 :], r[..., : rot // 2]), dim=-1)
+        return torch.cat((r * cos + half * sin, rest), dim=-1).to(k.dtype)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        assert key_states.shape[-2] == 1
+        if len(self.items) == self.cap:
+            self.items.pop(self.n_sink)
+        self.items.append((key_states, value_states, len(self.items)))
+        keys = [self._rotate(k, i - at) for i, (k, _, at) in enumerate(self.items)]
+        return torch.cat(keys, dim=-2), torch.cat([v for _, v, _ in self.items], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return min(len(self.items) + query_length, self.cap), 0
+
+    def get_seq_length(self) -> int:
+        return len(self.items)
+
+    def get_max_length(self) -> int:
+        return self.cap
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt_neox", "qwen2"])
+@torch.no_grad()
+def test_engine_equals_a_naive_sink_cache_over_2000_steps(fam):
+    """Two layers (so deeper layers' keys depend on the streamed context), a 4 + 28 cache: 2,000
+    one-token steps through the engine's ring-buffer cache (with its rebases, in the default
+    one-query attention) give the logits of a list-based cache that re-rotates every key every step."""
+    from sinkstream.attention import register
+
+    register()
+    n_sink, window = 4, 28
+    fast = tiny_model(fam, layers=2, attn="sinkstream")
+    slow = tiny_model(fam, layers=2, attn="eager")
+    inv_freq = next(m.inv_freq for m in slow.modules() if hasattr(m, "inv_freq"))
+    ref = Cache(layers=[_NaiveSinkLayer(n_sink, window, inv_freq) for _ in range(slow.config.num_hidden_layers)])
+    engine = Engine(fast, _NoTok(), n_sink=n_sink, window=window)
+    ids = random_ids(2000, seed=3)[0].tolist()
+    for t, tok in enumerate(ids):
+        index = min(t, n_sink + window - 1)
+        want = slow(torch.tensor([[tok]]), past_key_values=ref, position_ids=torch.tensor([[index]]),
+                    cache_position=torch.tensor([index]), use_cache=True).logits[0, -1]
+        got = engine.step(tok)[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=f"step {t}")
+    assert engine.stats.rebases > 10 and engine.tokens_cached == n_sink + window

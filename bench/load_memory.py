@@ -1,0 +1,46 @@
+"""Memory of loading a model: RSS after ``load_model`` and the load's peak, with and without the
+decode layout (load_model's default on CPU), each in a fresh child process.
+
+    python bench/load_memory.py --out out/bench [--model PATH]
+
+The layout copies every linear weight; the loaded safetensors file is memory-mapped, and each
+tensor's file pages are handed back as soon as its copy is made (``kernels.decode_layout``).
+The last line is one JSON object.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import json, resource, sys
+from sinkstream import load_model
+from sinkstream.engine import rss_mb
+model, tok = load_model(sys.argv[1] or None, decode_layout=sys.argv[2] == "1")
+print(json.dumps({"rss_after_load_mb": round(rss_mb(), 1),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "weights_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="", help="default: the embedded SmolLM2-135M")
+    ap.add_argument("--out", default="out/bench")
+    args = ap.parse_args()
+    result = {"command": "bench/load_memory.py", "model": args.model or "smollm2-135m"}
+    for name, flag in (("standard layout", "0"), ("decode layout (default)", "1")):
+        run = subprocess.run([sys.executable, "-c", CHILD, args.model, flag], capture_output=True, text=True, check=True)
+        result[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{name:24s} RSS after load {result[name]['rss_after_load_mb']:7.1f} MB, "
+              f"peak {result[name]['peak_rss_mb']:7.1f} MB", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load_memory.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
