@@ -74,14 +74,6 @@ def _recompute_once(model, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def recompute_ms(model, ids: Sequence[int], reps: int = 3) -> float:
-    """Median time of one from-scratch forward over ``ids`` (last position's logits only)."""
-    x = torch.tensor([list(ids)], device=next(model.parameters()).device)
-    _recompute_once(model, x)  # warm-up
-    return statistics.median(_recompute_once(model, x) for _ in range(reps))
-
-
-@torch.no_grad()
 def run_recompute(model, tokenizer, ids: Sequence[int], caches: Sequence[int], n_sink: int, measure: int,
                   reps: int = 3, progress: bool = True) -> dict:
     """Per cache size: recompute ms, streaming ms (a full sink cache), and their ratio.

@@ -19,6 +19,7 @@ with every chat turn or every step while the cache fills grew a process without 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -164,11 +165,16 @@ def _release(old: torch.Tensor, model, mapped: list[tuple[int, int]]) -> bool:
     last = (start + size) // _PAGE * _PAGE
     if last <= first:
         return False
+    return _madvise()(first, last - first, _MADV_DONTNEED) == 0
+
+
+@functools.cache
+def _madvise():
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(first, last - first, _MADV_DONTNEED) == 0
+    return libc.madvise
 
 
 def standard_layout(model) -> int:
