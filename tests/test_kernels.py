@@ -79,13 +79,11 @@ def test_decode_layout_models_export_and_save(tmp_path, tiny_dir):
     model.save_pretrained(tmp_path / "saved")  # what save_pretrained needs
 
 
-def _rss_mb() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * kernels._PAGE / 2**20
-
-
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_decode_layout_hands_back_the_loaded_file_s_pages_and_nothing_else(tmp_path):
     import mmap
+
+    from sinkstream.engine import rss_mb
 
     values = torch.arange(8 * 2**20, dtype=torch.float32)  # 32 MB
     (tmp_path / "w.bin").write_bytes(values.numpy().tobytes())
@@ -103,8 +101,8 @@ def test_decode_layout_hands_back_the_loaded_file_s_pages_and_nothing_else(tmp_p
     assert not kernels._release(anon.weight.data, torch.nn.Linear(1, 1), mapped)  # not a file page
     assert torch.equal(anon.weight, anon_before)
 
-    before = _rss_mb()
+    before = rss_mb()
     assert kernels.decode_layout(model) == 1
     assert torch.equal(model.weight, values.view(4096, 2048)) and not model.weight.is_contiguous()
-    assert _rss_mb() - before < 16  # the 32 MB copy replaced the 32 MB of file pages
+    assert rss_mb() - before < 16  # the 32 MB copy replaced the 32 MB of file pages
     assert torch.equal(still_used, values.view(4096, 2048))  # released pages read back from the file

@@ -59,7 +59,7 @@ def onednn_is_fp32_exact() -> bool:
 
 
 class _precision:
-    """Set ``torch.backends.mkldnn.matmul.fp32_precision`` inside a block (a class: entered twice a
+    """Set ``torch.backends.mkldnn.matmul.fp32_precision`` inside a block (a class: entered once a
     layer on the decode path, where a generator-based context manager costs more)."""
 
     __slots__ = ("value", "before")
