@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from sinkstream import load_model
-from sinkstream.engine import rss_mb
+from sinkstream.engine import peak_rss_mb, rss_mb
 model, tok = load_model(sys.argv[1] or None, decode_layout=sys.argv[2] == "1")
 print(json.dumps({"rss_after_load_mb": round(rss_mb(), 1),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "peak_rss_mb": round(peak_rss_mb(), 1),
                   "weights_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}))
 """
 
