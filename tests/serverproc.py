@@ -72,16 +72,31 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
                 timeout: float = 120) -> tuple[int, dict | str]:
-        """(status, JSON body or text) of one plain HTTP request."""
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        h = {"Content-Type": "application/json", **(headers or {})}
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, raw.decode("utf-8", "replace")
+        return request(self.url, method, path, body, headers, timeout)
+
+
+def request(url: str, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
+            timeout: float = 120) -> tuple[int, dict | str]:
+    """(status, JSON body or text) of one plain HTTP request."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    h = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url + path, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def sse_events(raw: str) -> list[dict | str]:
+    """The ``data:`` payloads of a server-sent event stream, JSON-decoded ("[DONE]" kept as text)."""
+    out = []
+    for line in raw.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out

@@ -274,6 +274,76 @@ def test_disconnect_and_busy_session(guarded):
     assert guarded.request("GET", "/v1/sessions/d", headers=AUTH)[0] == 404
 
 
+EXTREME_BUT_VALID = [  # answered: a tiny temperature or top_p is greedy-like, not NaN
+    {"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 2.0, "top_p": 1e-46},
+    {"temperature": 1e-45, "top_p": 1e-45}, {"seed": 2**64 - 1}, {"seed": -(2**63)},
+]
+REFUSED = [  # (fields, or raw JSON of the fields, and the word the 400 names)
+    ({"seed": 2**70}, "seed"), ({"seed": -(2**64)}, "seed"),
+    ({"logit_bias": {"1" * 5000: 1}}, "logit_bias"), ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ({"logit_bias": {"-5": 1}}, "logit_bias"), ({"logit_bias": {"5": 1e300}}, "logit_bias"),
+    ('"temperature": NaN', "temperature"), ('"top_p": Infinity', "top_p"), ('"temperature": 1e400', "temperature"),
+    ('"logit_bias": {"5": -Infinity}', "logit_bias"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"max_tokens": 10**30}, "max_tokens"),
+    ({"n": 10**30}, "n"), ({"temperature": -1e-300}, "temperature"),
+]
+
+
+def _body(fields, base: dict) -> bytes:
+    if isinstance(fields, dict):
+        return json.dumps({**base, **fields}).encode()
+    return (json.dumps(base)[:-1] + ", " + fields + "}").encode()
+
+
+def _finish_stream(conn, r) -> list[dict]:
+    """Read an open chat stream to its end; the JSON events (the last one must be [DONE])."""
+    events = []
+    while True:
+        line = r.readline()
+        assert line, "the stream ended without [DONE]"
+        if line.startswith(b"data: "):
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                conn.close()
+                return events
+            events.append(json.loads(payload))
+
+
+def test_bad_requests_never_hurt_other_streams(guarded):
+    """Two sessions stream long answers while every kind of bad or extreme request arrives: the streams
+    end normally and commit their turns; each bad request gets its 400; no session is left busy."""
+    c = client(guarded, "s3cret")
+    for sid in ("iso-a", "iso-b"):
+        chat(c, sid, "first turn", max_tokens=4, temperature=0)
+    streams = [_open_stream(guarded, sid, max_tokens=600) for sid in ("iso-a", "iso-b")]
+    chat_base = {**GOOD, "session_id": "victim"}
+    for fields in EXTREME_BUT_VALID:
+        status, body = guarded.request("POST", "/v1/chat/completions", _body(fields, chat_base), AUTH)
+        assert status == 200 and body["choices"][0]["finish_reason"], (fields, body)
+        status, body = guarded.request("POST", "/v1/completions",
+                                       _body(fields, {"prompt": "abc", "max_tokens": 4}), AUTH)
+        assert status == 200 and body["choices"][0]["finish_reason"], (fields, body)
+    for fields, needle in REFUSED:
+        for path, base in (("/v1/chat/completions", chat_base), ("/v1/completions", {"prompt": "abc"})):
+            status, err = guarded.request("POST", path, _body(fields, base), AUTH)
+            assert status == 400 and needle in err["error"]["message"], (path, fields, err)
+    status, err = guarded.request("POST", "/v1/chat/completions", {**chat_base, "logprobs": True, "top_logprobs": 10**30},
+                                  AUTH)
+    assert status == 400 and "top_logprobs" in err["error"]["message"]
+    status, err = guarded.request("POST", "/v1/completions", {"prompt": ["abc"] * 65}, AUTH)
+    assert status == 400 and "prompts" in err["error"]["message"]
+    assert guarded.request("GET", "/health")[0] == 200
+    for sid, (conn, r) in zip(("iso-a", "iso-b"), streams):
+        events = _finish_stream(conn, r)
+        assert len(events) > 100, "the stream was over before the bad requests were"  # still mid-answer then
+        assert not any("error" in e for e in events)
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert _wait_idle(guarded, sid)["turns"] == 2  # committed
+    assert _wait_idle(guarded, "victim")["busy"] is False
+    assert chat(c, "victim", "still fine?", max_tokens=4).choices[0].finish_reason
+
+
 def test_concurrent_sessions_batch(server):
     """Eight sessions at once: all answered, each as it would be alone (greedy)."""
     c = client(server)

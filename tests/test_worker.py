@@ -43,3 +43,39 @@ def test_batched_jobs_equal_alone():
             assert job.cache.batch_size == 1 and job.cache.tokens_seen == len(job.ids) + len(ref) - job.last_unfed
     finally:
         worker.stop()
+
+
+@torch.no_grad()
+def test_a_failing_row_fails_alone():
+    """A row whose logits cannot be sampled (NaN) ends its own job with an error; the rows decoded beside it
+    go on and get what they would alone; the worker serves the next job."""
+    model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
+    prompts = [random_ids(n, seed=i)[0].tolist() for i, n in enumerate([9, 40, 17])]
+    params = SamplingParams(max_new_tokens=30, temperature=0.8, seed=3)
+    alone = []
+    for ids in prompts:
+        engine = Engine(model, tok, n_sink=4, window=24, prefill_chunk=8)
+        alone.append([t.id for t in engine.generate(ids, params) if t.id >= 0])
+    worker = Worker(model, tok, prefill_chunk=8)
+    worker.start()
+    try:
+        jobs = [Job(ids, params, SinkCache(4, 24, config=model.config)) for ids in prompts]
+        jobs[1].logit_bias = {5: 1.0}
+        for job in jobs:
+            worker.submit(job)
+        jobs[1].bias[7] = float("nan")  # this row's numerics break after its first sampled token at the latest
+        kind, *rest = _events_until_end(jobs[1])
+        assert kind == "error" and "NaN" in rest[0]
+        for job, ref in zip((jobs[0], jobs[2]), (alone[0], alone[2])):
+            assert _drain(job)[0] == ref
+        again = worker.submit(Job(prompts[0], params, SinkCache(4, 24, config=model.config)))
+        assert _drain(again)[0] == alone[0]
+    finally:
+        worker.stop()
+
+
+def _events_until_end(job):
+    while True:
+        event = job.events.get(timeout=60)
+        if event[0] in ("done", "error"):
+            return event

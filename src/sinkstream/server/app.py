@@ -100,6 +100,23 @@ class Turn:
     error: str | None = None
     committed: bool = False
     info: P.SessionInfo | None = None  # the session after this turn's commit
+    ended: bool = False  # the session is handed back and the metrics counted (exactly once)
+    commit_task: asyncio.Future | None = None
+
+
+class TurnStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends: finished, client gone, or cancelled
+    before its body was ever iterated (then the body generator's own ``finally`` never runs)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
@@ -207,8 +224,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         turn = await _start_chat(req, params)
         rid = P.new_id("chatcmpl")
         if req.stream:
-            return StreamingResponse(_chat_stream(turn, req, rid, request), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return TurnStream(_chat_stream(turn, req, rid, request), lambda: _end(turn), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         tokens, logprobs = [], []
         async for kind, *rest in _events(turn, request):
             if kind == "token" and rest[2] is not None:
@@ -225,24 +242,30 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         params = _params(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        turns = []
+        bias, turns = _bias(req), []
         for i, prompt in enumerate(prompts):
             ids = tokenizer(prompt).input_ids if prompt else [tokenizer.bos_token_id or 0]
             _check_length(len(ids))
             job = Job(ids, params, SinkCache(config.n_sink, config.window, config=model.config),
-                      events=AsyncEvents(loop, queue, tag=i), logit_bias=_bias(req))
+                      events=AsyncEvents(loop, queue, tag=i), logit_bias=bias)
             turns.append(Turn(job, None))
-        for t in turns:
-            worker.submit(t.job)
-        metrics.active.inc(len(turns))
+        submitted = []
+        try:
+            for t in turns:
+                _submit(t.job)
+                submitted.append(t)
+        except BaseException:
+            for t in submitted:
+                _end(t)  # cancels the jobs already in the worker
+            raise
         rid = P.new_id("cmpl")
         if req.stream:
-            return StreamingResponse(_completion_stream(turns, queue, req, prompts, rid, request),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return TurnStream(_completion_stream(turns, queue, req, prompts, rid, request),
+                              lambda: [_end(t) for t in turns], media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache"})
         async for _ in _multi_events(turns, queue, request):
             pass
-        for t in turns:
-            _raise_failed(t)
+        _raise_failed(*turns)
         choices = [P.CompletionChoice(index=i, text=(prompts[i] if req.echo else "") + t.job.text,
                                       finish_reason=t.finish_reason) for i, t in enumerate(turns)]
         return P.Completion(id=rid, created=P.now(), model=config.model_name, choices=choices,
@@ -285,51 +308,71 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         if max_new > config.max_completion_tokens:
             raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {config.max_completion_tokens} "
                                 "(--max-completion-tokens)", code="invalid_value", param="max_tokens")
-        return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              stop=tuple(req.stop or ()))
+        try:  # the schema admits only values SamplingParams takes; this is the second line of defence
+            return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                  stop=tuple(req.stop or ()))
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+
+    def _submit(job: Job) -> None:
+        worker.submit(job)
+        metrics.active.inc()  # _end decrements it
 
     async def _start_chat(req: P.ChatCompletionRequest, params: SamplingParams) -> Turn:
+        """Lease the session (if any), render the new message and hand the job to the worker. Any failure
+        on the way hands the session back unchanged."""
         bias = _bias(req)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        session = await _lease(req.session_id) if req.session_id else None
+        try:
+            turn = await _chat_turn(req, params, bias, msgs, session)
+            _submit(turn.job)
+            return turn
+        except BaseException:
+            if session:
+                store.rollback(session)
+            raise
+
+    async def _lease(sid: str) -> Session:
+        """``store.acquire`` in a thread; a request cancelled meanwhile hands the lease back when it comes."""
+        lease = asyncio.ensure_future(run_in_threadpool(store.acquire, sid))
+        try:
+            return await asyncio.shield(lease)
+        except SessionBusy:
+            raise ApiError(409, f"session '{sid}' is answering another request; retry when it is done",
+                           code="session_busy", param="session_id") from None
+        except asyncio.CancelledError:
+            lease.add_done_callback(lambda f: f.cancelled() or f.exception() or store.rollback(f.result()))
+            raise
+
+    async def _chat_turn(req, params, bias, msgs, session: Session | None) -> Turn:
         system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        session = None
-        if req.session_id:
-            try:
-                session = await run_in_threadpool(store.acquire, req.session_id)
-            except SessionBusy:
-                raise ApiError(409, f"session '{req.session_id}' is answering another request; retry when it is done",
-                               code="session_busy", param="session_id") from None
+        if session:
             conv = session.conversation
             if session.new:  # the first request's messages are the conversation so far
                 conv.system, conv.messages = system, msgs[:-1]
             cache = session.cache or SinkCache(config.n_sink, config.window, config=model.config)
             session.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
+            session.mark()
         else:
             conv = Conversation(system=system, messages=msgs[:-1])
             cache = SinkCache(config.n_sink, config.window, config=model.config)
         before = len(conv.messages)
         try:
-            if session:
-                session.mark()
             ids = await run_in_threadpool(conv.begin, tokenizer, msgs[-1]["content"])
-            if session:
-                session.mark()
-            _check_length(len(ids))
-        except BaseException as e:
-            if session:
-                store.rollback(session)
-            if isinstance(e, (ValueError, TemplateError)):
-                raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
-            raise
+        except (ValueError, TemplateError) as e:
+            raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
+        if session:
+            session.mark()
+        _check_length(len(ids))
         job = Job(ids, params, cache, events=AsyncEvents(asyncio.get_running_loop()),
                   top_logprobs=req.want_logprobs, logit_bias=bias)
-        worker.submit(job)
-        metrics.active.inc()
         return Turn(job, conv, session, before)
 
     async def _events(turn: Turn, request: Request):
         """The job's events as they come; on ``done`` the turn is committed (or rolled back) first.
-        Leaving early (client gone) cancels the job and rolls the session back."""
+        Leaving early (client gone) cancels the job and rolls the session back; a commit under way
+        finishes first."""
         try:
             async for event in _queue_items(turn.job.events.queue, request):
                 if event[0] == "token":
@@ -337,7 +380,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                     continue
                 if event[0] == "done" and event[1] in ("stop", "length"):
                     turn.finish_reason = event[1]
-                    await asyncio.shield(asyncio.ensure_future(_commit(turn)))
+                    turn.commit_task = asyncio.ensure_future(_commit(turn))
+                    await asyncio.shield(turn.commit_task)
                 else:
                     turn.error = event[1] if event[0] == "error" else "cancelled"
                 return
@@ -354,11 +398,17 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                     return
 
     async def _commit(turn: Turn) -> None:
+        """Record the answer and persist the session's turn; a failure leaves the turn uncommitted."""
         job = turn.job
-        turn.conversation.finish(tokenizer, job.generated, last_unfed=job.last_unfed,
-                                 cut_text=job.text if job.stop_hit else None)
+        try:
+            turn.conversation.finish(tokenizer, job.generated, last_unfed=job.last_unfed,
+                                     cut_text=job.text if job.stop_hit else None)
+            if turn.session is not None:
+                await run_in_threadpool(store.commit, turn.session, job.cache, turn.messages_before)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: this turn fails, the session stays as it was
+            turn.error = f"could not save the turn: {type(e).__name__}: {e}"
+            return
         if turn.session is not None:
-            await run_in_threadpool(store.commit, turn.session, job.cache, turn.messages_before)
             metrics.sessions.set(store.count())
             turn.info = P.SessionInfo(id=turn.session.id, tokens_seen=job.cache.tokens_seen,
                                       tokens_cached=job.cache.tokens_cached, turns=turn.session.turns,
@@ -366,6 +416,13 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         turn.committed = True
 
     def _end(turn: Turn) -> None:
+        """Hand the turn's session back (kept if committed, else rolled back) and count the turn: once."""
+        if turn.ended:
+            return
+        if turn.commit_task is not None and not turn.commit_task.done():
+            turn.commit_task.add_done_callback(lambda _: _end(turn))  # the commit decides
+            return
+        turn.ended = True
         if not turn.committed and turn.error is None:
             turn.error = "cancelled"
         if not turn.committed:  # committed implies the job finished
@@ -376,8 +433,11 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         metrics.active.dec()
         metrics.turns.labels("ok" if turn.committed else ("error" if turn.error != "cancelled" else "cancelled")).inc()
 
-    def _raise_failed(turn: Turn) -> None:
-        if not turn.committed:
+    def _raise_failed(*turns: Turn) -> None:
+        """The error response of the first turn that failed (a real failure before a cancelled sibling)."""
+        failed = [t for t in turns if not t.committed]
+        if failed:
+            turn = next((t for t in failed if t.error != "cancelled"), failed[0])
             raise ApiError(500 if turn.error != "cancelled" else 503, f"generation failed: {turn.error}",
                            code="generation_failed")
 
@@ -435,7 +495,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     async def _multi_events(turns: list[Turn], queue: asyncio.Queue, request: Request):
-        """Events of several jobs sharing one queue, as (index, event); ends when all are done."""
+        """Events of several jobs sharing one queue, as (index, event); ends when all are done, or when one
+        fails (the request fails as a whole: the others are cancelled)."""
         live = set(range(len(turns)))
         try:
             async for i, event in _queue_items(queue, request):
@@ -448,6 +509,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                     yield i, event
                 else:
                     t.error = event[1] if event[0] == "error" else "cancelled"
+                    return
                 live.discard(i)
                 if not live:
                     return
@@ -470,11 +532,11 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                 yield chunk(i, "", event[1])
             elif event[2]:
                 yield chunk(i, event[2])
-        if any(not t.committed for t in turns):
-            failed = next(t for t in turns if not t.committed)
-            if failed.error == "cancelled":
-                return
-            yield _sse_failed(failed.error)
+        failed = [t for t in turns if not t.committed and t.error != "cancelled"]
+        if failed:
+            yield _sse_failed(failed[0].error)
+        elif any(not t.committed for t in turns):
+            return
         elif req.include_usage:
             yield _sse(P.Completion(id=rid, created=created, model=config.model_name, choices=[],
                                     usage=_sum_usage(turns)))

@@ -1,23 +1,33 @@
 """The OpenAI-compatible wire format: request and response bodies as pydantic models.
 
-Fields OpenAI clients commonly send and sinkstream does not use (penalties, logprobs, user, ...)
-are accepted and ignored; ``n`` must be 1. ``session_id`` is sinkstream's extra field: the name of
-an endless conversation whose cache the server keeps (OpenAI clients pass it with ``extra_body``).
+Fields OpenAI clients commonly send and sinkstream does not use (penalties, user, ...) are accepted
+and ignored; ``n`` must be 1. ``session_id`` is sinkstream's extra field: the name of an endless
+conversation whose cache the server keeps (OpenAI clients pass it with ``extra_body``).
+
+Every number is range-checked here, where it enters: no NaN or infinity anywhere, seeds within what
+``torch.Generator`` takes, ``logit_bias`` keys as plain token ids. Values that are valid but extreme keep
+a defined meaning (``sampling``): a temperature below 1e-5 is greedy, a tiny ``top_p`` keeps the
+likeliest token.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..sampling import SEED_RANGE
+
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key: a token id, no sign, no exponent, no other digits
+MAX_PROMPTS = 64  # prompts of one /v1/completions request
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Body):
@@ -44,7 +54,7 @@ class _Sampling(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -54,8 +64,8 @@ class _Sampling(_Body):
     @classmethod
     def _bias(cls, v):
         for k, b in (v or {}).items():
-            if not k.isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {k!r}")
+            if not TOKEN_ID.fullmatch(k):
+                raise ValueError(f"logit_bias keys are token ids, got {k[:20]!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
         return v
@@ -69,6 +79,12 @@ class _Sampling(_Body):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -110,6 +126,8 @@ class CompletionRequest(_Sampling):
         prompts = [v] if isinstance(v, str) else v
         if not prompts or not any(p for p in prompts):
             raise ValueError("prompt is empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
         return v
 
 

@@ -100,10 +100,8 @@ class Worker:
             try:
                 self._prefill_turn()
                 self._decode_turn()
-            except Exception as e:  # noqa: BLE001 - a failed forward ends the jobs involved, not the server
-                for job in self.prefilling + self.batch:
-                    job.events.put(("error", f"{type(e).__name__}: {e}"))
-                self.prefilling, self.batch, self.batch_cache = [], [], None
+            except Exception as e:  # noqa: BLE001 - a bug outside any one request: end the jobs in flight, go on
+                self._fail_all(f"the server's worker failed: {type(e).__name__}: {e}")
 
     def _take_new(self, block: bool) -> None:
         while True:
@@ -117,27 +115,31 @@ class Worker:
             block = False
 
     def _prefill_turn(self) -> None:
-        """One chunk for every job still prefilling; a job whose prompt is all fed joins the batch."""
+        """One chunk for every job still prefilling; a job whose prompt is all fed joins the batch.
+        A job that fails here fails alone (its cache is its own until it joins)."""
         for job in list(self.prefilling):
             if job.cancel.is_set():
                 self.prefilling.remove(job)
                 job.events.put(("done", "cancelled"))
                 continue
-            if job.fed < len(job.ids):
-                chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
-                x = torch.tensor([chunk], device=self.device)
-                try:
-                    job.logits = forward_stream(self.model, job.cache, x)[0]
-                except Exception as e:  # noqa: BLE001 - this request fails; the batch goes on
+            try:
+                self._prefill_chunk(job)
+                if job.fed >= len(job.ids) and len(self.batch) < self.max_batch:
                     self.prefilling.remove(job)
-                    job.events.put(("error", f"{type(e).__name__}: {e}"))
-                    continue
-                job.fed += len(chunk)
-                if self.metrics:
-                    self.metrics.prefilled(len(chunk))
-            if job.fed >= len(job.ids) and len(self.batch) < self.max_batch:
-                self.prefilling.remove(job)
-                self._join(job)
+                    self._join(job)
+            except Exception as e:  # noqa: BLE001 - this request fails; the others go on
+                if job in self.prefilling:
+                    self.prefilling.remove(job)
+                job.events.put(("error", f"{type(e).__name__}: {e}"))
+
+    def _prefill_chunk(self, job: Job) -> None:
+        if job.fed < len(job.ids):
+            chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
+            x = torch.tensor([chunk], device=self.device)
+            job.logits = forward_stream(self.model, job.cache, x)[0]
+            job.fed += len(chunk)
+            if self.metrics:
+                self.metrics.prefilled(len(chunk))
 
     def _join(self, job: Job) -> None:
         self.batch_cache = job.cache if self.batch_cache is None else SinkCache.stack([self.batch_cache, job.cache])
@@ -145,6 +147,9 @@ class Worker:
         self.batch.append(job)
 
     def _decode_turn(self) -> None:
+        """Sample every row with its own parameters, then feed all rows' tokens in one forward.
+        A row whose sampling fails (its logits, its parameters) leaves alone; a failed forward is the
+        model's and ends every row of the batch."""
         if not self.batch:
             return
         logits = torch.cat([job.logits for job in self.batch])
@@ -153,29 +158,12 @@ class Worker:
             if job.cancel.is_set():
                 job.events.put(("done", "cancelled"))
                 continue
-            row = logits[b : b + 1] if job.bias is None else logits[b : b + 1] + job.bias[: logits.shape[-1]]
-            tid = int(sample(row, job.params, job.generator)[0])
-            if job.t_first is None:
-                job.t_first = time.perf_counter()
-                if self.metrics:
-                    self.metrics.first_token(job.t_first - job.t_submit)
-            if tid in self.eos_ids:
-                self._finish(job, b, "stop")
+            try:
+                tid = self._sample_row(job, b, logits)
+            except Exception as e:  # noqa: BLE001 - this request fails; the other rows go on
+                job.events.put(("error", f"{type(e).__name__}: {e}"))
                 continue
-            job.generated.append(tid)
-            job.last_unfed = True
-            text, hit = job.detok.add(tid)
-            job.text = job.detok.text
-            lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
-            job.events.put(("token", tid, text, lp))  # text may be "" (special token, partial character)
-            if self.metrics:
-                self.metrics.generated(1)
-            if hit:
-                job.stop_hit = True
-                self._finish(job, b, "stop")
-            elif len(job.generated) >= job.params.max_new_tokens:
-                self._finish(job, b, "length")
-            else:
+            if tid is not None:
                 keep.append(b)
                 next_ids.append(tid)
         self._leave(keep)
@@ -183,10 +171,52 @@ class Worker:
             return
         if self.metrics:
             self.metrics.batch(len(self.batch))
-        x = torch.tensor(next_ids, device=self.device)[:, None]
-        logits, _ = forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1)
+        try:
+            logits = self._step(next_ids)
+        except Exception as e:  # noqa: BLE001 - the model step itself: every row of it is lost
+            self._fail_all(f"the model step failed: {type(e).__name__}: {e}")
+            return
         for b, job in enumerate(self.batch):
             job.logits, job.last_unfed = logits[b : b + 1], False
+
+    def _step(self, next_ids: list[int]) -> torch.Tensor:
+        """Feed one token per batch row; the next logits [B, V]."""
+        x = torch.tensor(next_ids, device=self.device)[:, None]
+        return forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1)[0]
+
+    def _sample_row(self, job: Job, b: int, logits: torch.Tensor) -> int | None:
+        """Sample row ``b`` and emit its token; returns the token to feed, or None if the row finished."""
+        row = logits[b : b + 1] if job.bias is None else logits[b : b + 1] + job.bias[: logits.shape[-1]]
+        tid = int(sample(row, job.params, job.generator)[0])
+        if job.t_first is None:
+            job.t_first = time.perf_counter()
+            if self.metrics:
+                self.metrics.first_token(job.t_first - job.t_submit)
+        if tid in self.eos_ids:
+            self._finish(job, b, "stop")
+            return None
+        job.generated.append(tid)
+        job.last_unfed = True
+        text, hit = job.detok.add(tid)
+        job.text = job.detok.text
+        lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
+        job.events.put(("token", tid, text, lp))  # text may be "" (special token, partial character)
+        if self.metrics:
+            self.metrics.generated(1)
+        if hit:
+            job.stop_hit = True
+            self._finish(job, b, "stop")
+            return None
+        if len(job.generated) >= job.params.max_new_tokens:
+            self._finish(job, b, "length")
+            return None
+        return tid
+
+    def _fail_all(self, message: str) -> None:
+        """End every job in flight with ``message`` and start over with an empty batch."""
+        for job in self.prefilling + self.batch:
+            job.events.put(("error", message))
+        self.prefilling, self.batch, self.batch_cache = [], [], None
 
     def _finish(self, job: Job, row: int, reason: str) -> None:
         tail = job.detok.flush()
