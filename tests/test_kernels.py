@@ -67,9 +67,9 @@ def test_decode_layout_models_export_and_save(tmp_path, tiny_dir):
 
     from sinkstream import export_model, load_model
 
-    model, tok = load_model(str(tiny_dir))
+    model, tok = load_model(str(tiny_dir), weights="float32")
     assert any(not p.is_contiguous() for p in model.parameters())  # on by default on CPU
-    plain, _ = load_model(str(tiny_dir), decode_layout=False)
+    plain, _ = load_model(str(tiny_dir), decode_layout=False, weights="float32")
     assert all(p.is_contiguous() for p in plain.parameters())
     export_model(model, tok, tmp_path / "exported")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")

@@ -47,8 +47,11 @@ def test_load_from_gguf_file_path_and_exported_folder(smollm, tmp_path):
     ids = torch.tensor([tok("A quick test of loading paths.").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=0, rtol=0)
-        folder = export_model(model, tok, tmp_path / "export")
-        again, _ = load_model(str(folder))
+        with pytest.raises(ValueError, match="quantized"):
+            export_model(model, tok, tmp_path / "export")
+        plain, _ = load_model(str(folder / gguf), weights="float32")
+        folder = export_model(plain, tok, tmp_path / "export")
+        again, _ = load_model(str(folder))  # int8 from the exported float32: the same int8
         torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=0, rtol=0)
 
 

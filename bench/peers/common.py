@@ -3,7 +3,8 @@
 The workload: the same token ids (written by ``prepare.py``) fed one token at a time, teacher-forced,
 through a sink cache of ``sink`` + ``window`` tokens. Per token: the step time, and the NLL of the
 next token from the step's logits (computed outside the timed part). Reported: tokens/s at 1k and
-at 20k tokens seen (median step over the 64 tokens before each mark), peak RSS, perplexity.
+at 20k tokens seen (median step over the 64 tokens before each mark), at steady state (median step
+over tokens 2,000-3,000, when a 1,024-token cache has been full for a window), peak RSS, perplexity.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+STEADY = (2000, 3000)
 
 def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
@@ -57,6 +59,8 @@ def finish(args, peer: str, version: str, nll: list, ms: list, **extra) -> None:
     for mark in (1000, 20000):
         if len(ms) >= mark:
             row[f"tokens_per_s_at_{mark // 1000}k"] = round(1000 / statistics.median(ms[mark - 64 : mark]), 2)
+    if len(ms) >= STEADY[1]:  # the cache has been full for a whole window: every step evicts
+        row["tokens_per_s_steady"] = round(1000 / statistics.median(ms[STEADY[0] : STEADY[1]]), 2)
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     row["ppl"] = round(math.exp(sum(nll) / len(nll)), 4)
     row["wall_s"] = round(sum(ms) / 1000, 1)

@@ -20,7 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model()
+    model, tok = load_model(weights="float32")  # exported for peers that read plain HF folders
     export_model(model, tok, out / "model")
     ids = tok(gutenberg_text(book=args.book), add_special_tokens=False).input_ids[: args.tokens + 1]
     (out / "ids.json").write_text(json.dumps(ids))

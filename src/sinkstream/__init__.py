@@ -10,6 +10,7 @@ from .cache import SinkCache, SinkLayer  # noqa: E402
 from .chat import ChatSession  # noqa: E402
 from .engine import Engine, SamplingParams, Token  # noqa: E402
 from .models import KNOWN_MODELS, export_model, load_model  # noqa: E402
+from . import native  # noqa: E402
 from .positions import SUPPORTED_FAMILIES, UnsupportedModelError  # noqa: E402
 
 __all__ = [

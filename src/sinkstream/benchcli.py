@@ -54,9 +54,13 @@ def run(args, UsageError) -> int:
     progress = not args.no_progress
     name = args.model or "smollm2-135m"
     result = {"command": "bench decode", "model": name, "text": source, "dtype": args.dtype, "device": args.device,
+              "weights": getattr(model.config, "sinkstream_weights", "float32"), "decode": args.decode,
               "threads": torch.get_num_threads(), "cache": f"{args.sink}+{args.window}",
               "measured_steps": args.measure}
-    engine = Engine(model, tok, n_sink=args.sink, window=args.window)
+    try:
+        engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     points = checkpoints_for(args.tokens, CHECKPOINTS)
     stream = run_checkpoints(engine, ids, points, args.measure, progress, desc="streaming")
     result |= {"latency_ms": {k: p["median_ms"] for k, p in stream.items()},

@@ -59,6 +59,21 @@ class Row:
 
 
 @dataclass
+class DecodeStep:
+    """One token per row, for a decode step that writes and attends the keys itself (``fused``).
+
+    For every row: the rotary ``position`` of its new token; ``sink_position``, where the query must be
+    rotated to see the sinks *as they were computed* at their in-cache distance (RoPE scores depend on
+    differences only, so this equals re-rotating the sinks); the ``slot`` the new key goes to (a slot
+    below ``n_sink`` makes it a sink); and ``length``: the row's tokens are slots [0, length) after it."""
+
+    positions: list[int]
+    sink_positions: list[int]
+    slots: list[int]
+    lengths: list[int]
+
+
+@dataclass
 class Plan:
     """What every layer of a kind does in one forward (computed once, by the first layer)."""
 
@@ -446,7 +461,10 @@ class SinkLayer(CacheLayerMixin):
         base = self.n_sink if t.kind == "rope" else 0
         order = [(r.head + i) % self.window + base for i in range(r.n_win)]
         idx = torch.tensor(list(range(r.n_sk)) + order, dtype=torch.long, device=self.device)
-        k, v = self.keys[row : row + 1, :, idx], self.values[row : row + 1, :, idx]
+        k, v = self.keys[row : row + 1, :, idx], self.values[row : row + 1, :, idx]  # copies
+        target = t.sink_target(r)
+        if t.kind == "rope" and r.n_sk and r.sink_delta != target:  # sinks left as computed by a fused step
+            k[:, :, : r.n_sk] = self.rope.shift(self.sink_keys[row : row + 1, :, : r.n_sk], target or 0)
         oldest = r.seen - r.n_win - r.shift
         first_sink = oldest - r.n_sk if r.n_win else r.sink_pos
         pos = torch.cat([torch.arange(r.n_sk) + first_sink, torch.arange(r.n_win) + oldest])
@@ -620,6 +638,41 @@ class SinkCache(Cache):
             layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
             layer.is_initialized, layer.step = True, layer.track.step
         return out
+
+    # -- one-token steps written by a fused decoder ------------------------------------------------
+    def advance_decode(self) -> DecodeStep:
+        """Advance every row by one token and say where it goes (see ``DecodeStep``); the caller writes
+        the keys. The sink slots of ``keys`` are then left as computed (``sink_delta`` None): a later
+        transformers forward re-places them, a fused step reads ``sink_keys`` instead."""
+        if set(self.tracks) != {"rope"}:
+            raise ValueError("advance_decode is for caches whose layers are all RoPE sink layers")
+        track = self.tracks["rope"]
+        step = DecodeStep([], [], [], [])
+        for r in track.rows:
+            before = copy.copy(r)
+            step.positions.append(r.seen - r.shift)
+            track._advance_row(r, 1)
+            step.slots.append(track._slot_of_new(before, r))
+            step.sink_positions.append(step.positions[-1] - (track.sink_target(r) or 0))
+            step.lengths.append(self.n_sink + r.n_win if r.n_win else r.n_sk)
+            r.sink_delta = None
+        track.step += 1
+        for layer in self.layers:
+            layer.step = track.step
+        return step
+
+    def init_rows(self, batch: int, heads: int, head_dim: int, dtype, device) -> None:
+        """Allocate empty buffers for ``batch`` rows (what the first transformers forward would do)."""
+        for track in self.tracks.values():
+            track.rows = [Row() for _ in range(batch)]
+        for layer in self.layers:
+            layer.lazy_initialization(torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device),
+                                      torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device))
+
+    def rebase_due(self, q: int) -> bool:
+        """Whether feeding ``q`` more tokens would take positions past ``n_sink + 2 * window``: the bound
+        sinkstream keeps RoPE angles under (one window re-rotation per ~window tokens, amortized O(1))."""
+        return "rope" in self.tracks and self.get_seq_length() + q > self.n_sink + 2 * self.window
 
     def rebase(self) -> int:
         """Re-rotate every row's window once so its positions restart at ``n_sink``; returns the largest

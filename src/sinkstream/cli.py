@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .fused import DECODE_MODES
+from .quant import WEIGHT_FORMATS
 
 
 class UsageError(Exception):
@@ -42,14 +44,14 @@ def _add_text_source(p: argparse.ArgumentParser, required: bool) -> None:
                    help="start the stream with the tokenizer's BOS token (models trained with one, e.g. Gemma)")
 
 
-def _add_eval_outputs(p: argparse.ArgumentParser, out: str) -> None:
+def _add_eval_outputs(p: argparse.ArgumentParser, out: str, weights: str = "float32") -> None:
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_model_and_cache(p)
+    _add_model_and_cache(p, weights)
     p.add_argument("--json", action="store_true", help="print only the JSON summary line")
 
 
-def _add_model_and_cache(p: argparse.ArgumentParser) -> None:
+def _add_model_and_cache(p: argparse.ArgumentParser, weights: str = "auto") -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("--model", default=None, help="known model name, .gguf file or HF folder (default: smollm2-135m)")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -58,6 +60,12 @@ def _add_model_and_cache(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sink", type=int, default=4, help="attention-sink tokens kept (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--weights", default=weights, choices=WEIGHT_FORMATS,
+                   help=f"linear weight storage (default {weights}): auto (int8 on a CPU where sinkstream's "
+                        "kernels build, else float32) | float32 | bfloat16 | int8")
+    g.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                   help="one-token steps: auto (default: the fused step where the model family has one) | "
+                        "fused | transformers")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -155,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--dense-tokens", type=int, default=None,
                     help="--compare dense: stream this far (default: the model's maximum positions)")
     _add_text_source(bd, required=False)
-    _add_eval_outputs(bd, "out/bench-decode")
+    _add_eval_outputs(bd, "out/bench-decode", weights="auto")
     from .server.cli import add_parser as add_serve
     from .traincli import add_parser as add_train
 
@@ -190,6 +198,13 @@ def _validate(args) -> None:
         return module.validate(args, UsageError)
     if args.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{args.dtype}'; choose one of {', '.join(DTYPES)}")
+    if hasattr(args, "weights"):
+        from .quant import resolve_format
+
+        try:
+            resolve_format(args.weights, args.device, DTYPES[args.dtype])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         resolve(args.model)
     except ModelLoadError as e:
@@ -243,10 +258,11 @@ def _setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
-    except ValueError as e:  # unsupported family, unreadable model
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
+                                      weights=args.weights)
+        engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window, decode=args.decode)
+    except ValueError as e:  # unsupported family, unreadable model, no fused step for it
         raise UsageError(str(e)) from None
-    engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window)
     return engine, args.params
 
 
@@ -385,7 +401,7 @@ def cmd_export(args) -> int:
     from .models import export_model, load_model
 
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, weights="float32")
         folder = export_model(model, tokenizer, args.out)
     except OSError as e:
         raise UsageError(f"cannot write '{args.out}': {e}") from None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
+from .fused import FusedDecoder, select_decoder
 from .kernels import fast_cpu_matmul
 from .positions import ALIBI_FAMILIES
 from .sampling import SamplingParams, sample
@@ -104,19 +105,22 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False,
-                   rebase: bool = True) -> tuple[torch.Tensor, bool]:
+def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False, rebase: bool = True,
+                   fused: FusedDecoder | None = None) -> tuple[torch.Tensor, bool]:
     """Feed ``ids`` [B, q] to ``model`` through ``cache``; return (last logits [B, V], whether the
     cache was rebased first). ``rows_differ``: the rows are streams of different lengths (per-row
-    positions and mask). The one forward the engine and the server's worker share.
+    positions and mask). The one forward the engine and the server's worker share. With ``fused``,
+    one-token steps run the fused decoder over the same cache; chunks run the transformers forward.
 
     One-token steps run their fp32 matmuls on oneDNN where that is fp32-exact (``fast_cpu_matmul``):
     with the decode weight layout it is 1.2x MKL here (README, issue 6). Their shapes are few (one
     per weight and batch size), so oneDNN's per-shape primitive cache stays small; many-row prefill
     chunks of every length keep PyTorch's default kernels."""
     rebased = False
-    if rebase and isinstance(cache, SinkCache) and cache.get_seq_length() + ids.shape[-1] > cache.n_sink + 2 * cache.window:
-        rebased = cache.rebase() > 0  # amortized: one window re-rotation per ~window tokens
+    if rebase and isinstance(cache, SinkCache) and cache.rebase_due(ids.shape[-1]):
+        rebased = cache.rebase() > 0
+    if fused is not None and ids.shape[-1] == 1 and isinstance(cache, SinkCache):
+        return fused.step(cache, ids[:, 0]), rebased
     kw = {}
     if rows_differ:
         kw["attention_mask"] = cache.attention_mask(model.dtype, ids.device)
@@ -132,7 +136,7 @@ class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
     def __init__(self, model, tokenizer, n_sink: int = 4, window: int = 1020, *, prefill_chunk: int | None = None,
-                 rebase: bool = True, dense: bool = False):
+                 rebase: bool = True, dense: bool = False, decode: str = "auto"):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -144,6 +148,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos_ids = eos_ids(model, tokenizer)
+        # one-token steps: the fused decoder where it applies (``decode``: auto | fused | transformers)
+        self.fused = None if dense else select_decoder(model, decode)
         self.stats = Stats()
         self.reset()
 
@@ -183,7 +189,8 @@ class Engine:
         return self._forward(self.cache, ids)
 
     def _forward(self, cache: SinkCache, ids: torch.Tensor, rows_differ: bool = False) -> torch.Tensor:
-        logits, rebased = forward_stream(self.model, cache, ids, rows_differ=rows_differ, rebase=self.rebase)
+        logits, rebased = forward_stream(self.model, cache, ids, rows_differ=rows_differ, rebase=self.rebase,
+                                         fused=self.fused)
         self.stats.rebases += rebased
         self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, self.tokens_cached)
         if cache is self.cache:

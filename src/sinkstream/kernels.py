@@ -151,6 +151,11 @@ def _file_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def release_file_pages(old: torch.Tensor, model) -> bool:
+    """Hand ``old``'s pages back if it lies in a private file mapping and no tensor of ``model`` uses it."""
+    return _release(old, model, _file_mappings())
+
+
 def _release(old: torch.Tensor, model, mapped: list[tuple[int, int]]) -> bool:
     """Drop ``old``'s pages from RSS if it lies in a file mapping and no model tensor still uses its storage."""
     if not mapped:

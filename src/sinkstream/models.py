@@ -152,6 +152,10 @@ def export_model(model, tokenizer, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
+    from .quant import PackedLinear
+
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise ValueError("this model's weights are quantized: export the float32 model (load_model(..., weights='float32'))")
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -183,18 +187,24 @@ def _converted_dir(folder: Path, gguf: str) -> Path:
 
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               attn_implementation: str | None = None, decode_layout: bool | None = None):
+               attn_implementation: str | None = None, decode_layout: bool | None = None, weights: str = "auto"):
     """Load (model, tokenizer). ``None`` is the embedded SmolLM2-135M-Instruct.
 
     ``name_or_path``: a registry name (see ``KNOWN_MODELS``), a ``.gguf`` file, or a local
     Hugging Face model folder. Nothing is downloaded. A GGUF file is dequantized once and the
     float32 result kept under ``$SINKSTREAM_CACHE`` (default ``~/.cache/sinkstream``).
 
-    ``decode_layout`` (default: on for CPU) stores linear weights transposed in memory, which makes
-    one-token decode steps faster on CPU (``kernels.decode_layout``); ``save_pretrained`` then needs
-    ``kernels.standard_layout(model)`` first (``export_model`` needs nothing).
+    ``weights``: how the linear weights are stored (``quant``): ``auto`` (default) picks int8 on a CPU
+    where sinkstream's kernels build and float32 elsewhere; ``float32``, ``bfloat16``, ``int8``.
+
+    ``decode_layout`` (default: on for CPU, float32 weights) stores linear weights transposed in memory,
+    which makes one-token decode steps faster on CPU (``kernels.decode_layout``); ``save_pretrained``
+    then needs ``kernels.standard_layout(model)`` first (``export_model`` needs nothing).
     """
+    from .quant import resolve_format
+
     torch_dtype = parse_dtype(dtype)
+    fmt = resolve_format(weights, device, torch_dtype)
     if attn_implementation == "sinkstream":
         from .attention import register
 
@@ -214,13 +224,14 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
                 logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
                 if attn_implementation:
                     model.set_attn_implementation(attn_implementation)
-                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation, decode_layout)
+                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation, decode_layout,
+                               (fmt, weights == "auto"))
         folder, gguf = converted, None
     model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
-    return _finish(model, tokenizer, device, attn_implementation, decode_layout)
+    return _finish(model, tokenizer, device, attn_implementation, decode_layout, (fmt, weights == "auto"))
 
 
-def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=None):
+def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=None, fmt=("float32", False)):
     check_supported(model.config)
     from .attention import ZERO_EAGER, ZERO_NAME, sink_mode
 
@@ -236,6 +247,17 @@ def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=No
     model = model.to(device).eval()
     from . import kernels
 
+    fmt, auto = fmt
+    if fmt != "float32":
+        from .fused import unsupported_reason
+        from .quant import quantize_model
+
+        reason = unsupported_reason(model)  # quantized weights are tested where the fused step runs
+        if reason and not auto:
+            raise ValueError(f"--weights {fmt} is not available for this model: {reason}")
+        if not reason:
+            quantize_model(model, fmt)
+            return model, tokenizer
     if kernels.decode_layout_wanted(device) if decode_layout is None else decode_layout:
         kernels.decode_layout(model)
     return model, tokenizer

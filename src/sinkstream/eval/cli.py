@@ -158,7 +158,7 @@ def run_chat(args, UsageError) -> int:
                          "turns": 2 * len(questions), "max_new_tokens": args.max_new_tokens, "runs": {}}
     variants = [("streaming", False)] + ([("dense", True)] if args.dense == "yes" else [])
     for label, dense in variants:
-        engine = Engine(model, tok, n_sink=args.sink, window=args.window, dense=dense)
+        engine = Engine(model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode)
         if not dense:
             label = f"streaming {args.sink}+{args.window}"
         max_pos = getattr(model.config, "max_position_embeddings", None) if dense else None
@@ -185,7 +185,7 @@ def run_streameval(args, UsageError) -> int:
     from .streameval import plot_accuracy, run_streameval as stream, summarize
 
     model, tok = _model(args, UsageError, args.attn)
-    engine = Engine(model, tok, n_sink=args.sink, window=args.window)
+    engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode)
     records = stream(engine, args.lines, back=args.back_range, seed=args.seed, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,8 @@ def _model(args, UsageError, attn=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn)
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn,
+                                weights=getattr(args, "weights", "float32"))
     except ValueError as e:
         raise UsageError(str(e)) from None
     from ..attention import sink_mode

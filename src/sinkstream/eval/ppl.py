@@ -55,7 +55,7 @@ def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int
         device = next(model.parameters()).device
         cache = SinkCache(n_sink, window, config=model.config)
         for t in range(n - 1):
-            if cache.get_seq_length() + 1 > n_sink + 2 * window:
+            if cache.rebase_due(1):
                 cache.rebase()
             logits = model(ids[t : t + 1].to(device)[None], past_key_values=cache, use_cache=True).logits[0]
             out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]

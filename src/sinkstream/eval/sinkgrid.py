@@ -207,7 +207,7 @@ def run(args, UsageError) -> int:
         torch.set_num_threads(args.threads)
     rows, caches, source = {}, set(), None
     for mode, folder in args.folders.items():
-        model, tok = load_model(str(folder))
+        model, tok = load_model(str(folder), weights="float32")
         cache = int(model.config.max_position_embeddings)  # C: the training length
         caches.add(cache)
         sinks = [s for s in args.sinks if s < cache]

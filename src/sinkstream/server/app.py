@@ -48,6 +48,7 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     max_batch: int = 16
     prefill_chunk: int | None = None
+    decode: str = "auto"  # one-token steps: the fused decoder where it applies (auto | fused | transformers)
 
     def check(self) -> None:
         for name in ("max_request_tokens", "max_completion_tokens", "default_max_tokens", "max_body_bytes",
@@ -125,7 +126,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     store = SessionStore(config.state_dir, model_config=model.config, n_sink=config.n_sink, window=config.window,
                          max_sessions=config.max_sessions, device=next(model.parameters()).device)
     chunk = min(config.prefill_chunk or max(1, config.window // 2), config.window)
-    worker = Worker(model, tokenizer, prefill_chunk=chunk, max_batch=config.max_batch, metrics=metrics)
+    worker = Worker(model, tokenizer, prefill_chunk=chunk, max_batch=config.max_batch, metrics=metrics,
+                    decode=config.decode)
 
     async def lifespan(app):
         worker.start()

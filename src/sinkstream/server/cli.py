@@ -69,7 +69,8 @@ def run(args, UsageError) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
+                                      weights=args.weights)
     except ValueError as e:
         raise UsageError(str(e)) from None
     name = args.served_model_name or (Path(args.model).name if args.model and os.path.exists(args.model)
@@ -78,7 +79,7 @@ def run(args, UsageError) -> int:
                           api_key=args.api_key, max_sessions=args.max_sessions,
                           max_request_tokens=args.max_request_tokens, max_completion_tokens=args.max_completion_tokens,
                           default_max_tokens=args.default_max_tokens, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, decode=args.decode)
     app = create_app(model, tokenizer, config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)

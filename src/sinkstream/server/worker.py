@@ -25,6 +25,7 @@ import torch
 
 from ..cache import SinkCache
 from ..engine import Detokenizer, SamplingParams, eos_ids, forward_stream, sample
+from ..fused import select_decoder
 
 
 @dataclass
@@ -51,8 +52,10 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model, tokenizer, *, prefill_chunk: int, max_batch: int = 16, metrics=None):
+    def __init__(self, model, tokenizer, *, prefill_chunk: int, max_batch: int = 16, metrics=None,
+                 decode: str = "auto"):
         self.model, self.tokenizer = model, tokenizer
+        self.fused = select_decoder(model, decode)  # one-token steps (batched decode, 1-token chunks)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
@@ -136,7 +139,7 @@ class Worker:
         if job.fed < len(job.ids):
             chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
             x = torch.tensor([chunk], device=self.device)
-            job.logits = forward_stream(self.model, job.cache, x)[0]
+            job.logits = forward_stream(self.model, job.cache, x, fused=self.fused)[0]
             job.fed += len(chunk)
             if self.metrics:
                 self.metrics.prefilled(len(chunk))
@@ -182,7 +185,7 @@ class Worker:
     def _step(self, next_ids: list[int]) -> torch.Tensor:
         """Feed one token per batch row; the next logits [B, V]."""
         x = torch.tensor(next_ids, device=self.device)[:, None]
-        return forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1)[0]
+        return forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1, fused=self.fused)[0]
 
     def _sample_row(self, job: Job, b: int, logits: torch.Tensor) -> int | None:
         """Sample row ``b`` and emit its token; returns the token to feed, or None if the row finished."""
