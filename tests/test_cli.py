@@ -35,6 +35,14 @@ BAD = [
     (["generate"], "required"),
     (["chat", "--prompts", "/no/such/file.txt"], "does not exist"),
     (["frobnicate"], "invalid choice"),
+    (["generate", "--prompt", "x", "--weights", "int9"], "--weights: invalid choice"),
+    (["chat", "--weights", "int8", "--device", "cuda"], "--weights int8 is for float32 models on the CPU"),
+    (["generate", "--prompt", "x", "--weights", "bfloat16", "--dtype", "bfloat16"], "use --weights float32"),
+    (["generate", "--prompt", "x", "--decode", "fast"], "--decode: invalid choice"),
+    (["serve", "--weights", "int4"], "--weights: invalid choice"),
+    (["bench", "decode", "--decode", "quick"], "--decode: invalid choice"),
+    (["generate", "--prompt", "x", "--seed", str(2**64)], "--seed must be in"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number"),
 ]
 
 
@@ -71,6 +79,20 @@ def test_model_folder_of_unsupported_family(capsys, tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     rc, _, err = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path))
     assert rc == 2 and "absolute positions" in err and "llama" in err
+
+
+def test_fused_decode_where_the_family_has_none(capsys, tmp_path):
+    from helpers import tiny_model, tiny_tokenizer
+
+    tiny_model("gpt_neox").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    capsys.readouterr()
+    rc, _, err = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--decode", "fused")
+    assert rc == 2 and "--decode fused: the fused step covers llama" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--weights", "int8")
+    assert rc == 2 and "--weights int8 is not available for this model" in err
+    rc, out, _ = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--max-new-tokens", "3")
+    assert rc == 0  # auto: float32 weights and the transformers step
 
 
 def test_no_traceback_in_a_real_process():

@@ -16,15 +16,18 @@ def main() -> None:
     for n, r in zip([n for n in ORDER if (out / f"{n}.json").is_file()], rows):
         if n == "sinkstream_again":
             r["peer"] += " (again, after the peers)"
-    lines = ["| peer | version | tokens/s at 1k | tokens/s at 20k | peak RSS MB | PPL (20k tokens) | note |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    tokens = max((r.get("tokens", 0) for r in rows), default=0)
+    lines = [f"| peer | version | tokens/s at 1k | tokens/s steady (2k-3k) | tokens/s at 20k | peak RSS MB | "
+             f"PPL ({tokens:,} tokens) | note |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['peer']} | | | | | | {r['status']} |")
+            lines.append(f"| {r['peer']} | | | | | | | {r['status']} |")
             continue
-        note = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("transformers", "attn", "weights", "context_shifts"))
+        note = ", ".join(f"{k} {v}" for k, v in r.items()
+                         if k in ("transformers", "attn", "weights", "decode", "context_shifts"))
         lines.append(f"| {r['peer']} | {r['version']} | {r.get('tokens_per_s_at_1k', '')} | "
-                     f"{r.get('tokens_per_s_at_20k', '')} | {r['peak_rss_mb']:,.0f} | {r['ppl']:.3f} | {note} |")
+                     f"{r.get('tokens_per_s_steady', '')} | {r.get('tokens_per_s_at_20k', '')} | "
+                     f"{r['peak_rss_mb']:,.0f} | {r['ppl']:.3f} | {note} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"peers": rows}))

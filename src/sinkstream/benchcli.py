@@ -58,7 +58,8 @@ def run(args, UsageError) -> int:
               "threads": torch.get_num_threads(), "cache": f"{args.sink}+{args.window}",
               "measured_steps": args.measure}
     try:
-        engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode)
+        engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode,
+                        kv_dtype=None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype))
     except ValueError as e:
         raise UsageError(str(e)) from None
     points = checkpoints_for(args.tokens, CHECKPOINTS)

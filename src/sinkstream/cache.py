@@ -288,9 +288,9 @@ class SinkLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, track: Track):
+    def __init__(self, track: Track, kv_dtype: torch.dtype | None = None):
         super().__init__()
-        self.track = track
+        self.track, self.kv_dtype = track, kv_dtype
         self.is_sliding = track.kind == "sliding"
         self.step = 0
 
@@ -309,11 +309,12 @@ class SinkLayer(CacheLayerMixin):
     # -- transformers layer API ---------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((b, h, self.track.cap, d))  # [B, Hkv, cap, D]
-        self.values = value_states.new_zeros((b, h, self.track.cap, value_states.shape[-1]))
-        self.sink_keys = key_states.new_zeros((b, h, self.n_sink, d))  # as computed, never re-rotated
-        self.sink_values = value_states.new_zeros((b, h, self.n_sink, value_states.shape[-1]))
+        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
+        kw = {"dtype": self.dtype}
+        self.keys = key_states.new_zeros((b, h, self.track.cap, d), **kw)  # [B, Hkv, cap, D]
+        self.values = value_states.new_zeros((b, h, self.track.cap, value_states.shape[-1]), **kw)
+        self.sink_keys = key_states.new_zeros((b, h, self.n_sink, d), **kw)  # as computed, never re-rotated
+        self.sink_values = value_states.new_zeros((b, h, self.n_sink, value_states.shape[-1]), **kw)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -327,12 +328,15 @@ class SinkLayer(CacheLayerMixin):
         if plan.q > 1:
             out = self._write_chunk(plan, key_states, value_states)
             if out is not None:
-                return out
+                return out[0].to(key_states.dtype), out[1].to(value_states.dtype)
         else:
             self._write_one(plan, key_states, value_states)
         if plan.moved:
             self._place_sinks(plan)
-        return self.keys[:, :, plan.kv_lo : plan.kv_hi], self.values[:, :, plan.kv_lo : plan.kv_hi]
+        k, v = self.keys[:, :, plan.kv_lo : plan.kv_hi], self.values[:, :, plan.kv_lo : plan.kv_hi]
+        if k.dtype != key_states.dtype:  # stored in kv_dtype: attention computes in the model's dtype
+            k, v = k.to(key_states.dtype), v.to(value_states.dtype)
+        return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.track.mask_sizes(query_length)
@@ -478,12 +482,13 @@ class SinkCache(Cache):
     seen by attention at its position inside the cache. The newest token attends to at most
     ``n_sink + window`` keys, itself included. Use it as ``past_key_values`` in plain forward calls
     or in ``model.generate``. ``config`` (the model's config) is needed to re-position the sinks
-    and to know which layers slide.
+    and to know which layers slide. ``kv_dtype`` stores keys and values in another dtype than the
+    model computes them in (float16 halves the bytes a decode step reads); attention casts them back.
 
     Streaming does not extend the context: a token that left the window is gone.
     """
 
-    def __init__(self, n_sink: int = 4, window: int = 1020, *, config=None):
+    def __init__(self, n_sink: int = 4, window: int = 1020, *, config=None, kv_dtype: torch.dtype | None = None):
         for name, value in (("n_sink", n_sink), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -496,7 +501,7 @@ class SinkCache(Cache):
                 "SinkCache needs the model's config to re-position the sinks: "
                 "SinkCache(n_sink, window, config=model.config)"
             )
-        self.n_sink, self.window, self.config = n_sink, window, config
+        self.n_sink, self.window, self.config, self.kv_dtype = n_sink, window, config, kv_dtype
         kinds = layer_kinds(config, n_sink + window)
         self.tracks: dict[str, Track] = {}
         for kind in dict.fromkeys(kinds):
@@ -506,12 +511,12 @@ class SinkCache(Cache):
                 self.tracks[kind] = Track(kind, n_sink, window, None)
             else:
                 self.tracks[kind] = Track(kind, n_sink, window, rope_for(config, "full_attention"))
-        super().__init__(layers=[SinkLayer(self.tracks[k]) for k in kinds])
+        super().__init__(layers=[SinkLayer(self.tracks[k], kv_dtype) for k in kinds])
         self.main = self.tracks["alibi" if "alibi" in self.tracks else "rope"]
 
     @classmethod
-    def for_model(cls, model, n_sink: int = 4, window: int = 1020) -> "SinkCache":
-        return cls(n_sink, window, config=model.config)
+    def for_model(cls, model, n_sink: int = 4, window: int = 1020, kv_dtype: torch.dtype | None = None) -> "SinkCache":
+        return cls(n_sink, window, config=model.config, kv_dtype=kv_dtype)
 
     # -- counters -----------------------------------------------------------------------------
     @property
@@ -568,7 +573,7 @@ class SinkCache(Cache):
                 raise ValueError("stacked caches must have the same n_sink, window and model")
             if not all(layer.is_initialized for layer in c.layers):
                 raise ValueError("stacked caches must each have seen at least one token")
-        out = cls(first.n_sink, first.window, config=first.config)
+        out = cls(first.n_sink, first.window, config=first.config, kv_dtype=first.kv_dtype)
         for kind, track in out.tracks.items():
             track.rows = [copy.copy(r) for c in caches for r in c.tracks[kind].rows]
         for i, layer in enumerate(out.layers):
@@ -582,7 +587,7 @@ class SinkCache(Cache):
         """A new cache holding copies of the given rows (in that order); this one is unchanged."""
         if not rows:
             raise ValueError("nothing to extract")
-        out = SinkCache(self.n_sink, self.window, config=self.config)
+        out = SinkCache(self.n_sink, self.window, config=self.config, kv_dtype=self.kv_dtype)
         for kind, track in out.tracks.items():
             track.rows = [copy.copy(self.tracks[kind].rows[b]) for b in rows]
             track.step = self.tracks[kind].step
@@ -612,6 +617,7 @@ class SinkCache(Cache):
                 for name in layer._tensors():
                     tensors[f"layers.{i}.{name}"] = getattr(layer, name)
         meta = {"format": 1, "n_sink": self.n_sink, "window": self.window,
+                "kv_dtype": None if self.kv_dtype is None else str(self.kv_dtype).removeprefix("torch."),
                 "model_type": getattr(self.config, "model_type", None),
                 "tracks": {k: {"step": t.step, "rows": [dict(vars(r)) for r in t.rows]} for k, t in self.tracks.items()}}
         return tensors, meta
@@ -623,7 +629,8 @@ class SinkCache(Cache):
             raise ValueError(f"unknown SinkCache snapshot format {meta.get('format')!r}")
         if meta.get("model_type") != getattr(config, "model_type", None):
             raise ValueError(f"snapshot is of a {meta.get('model_type')} model, not {config.model_type}")
-        out = cls(meta["n_sink"], meta["window"], config=config)
+        kv = meta.get("kv_dtype")
+        out = cls(meta["n_sink"], meta["window"], config=config, kv_dtype=getattr(torch, kv) if kv else None)
         if set(meta["tracks"]) != set(out.tracks):
             raise ValueError("snapshot layer kinds do not match this model")
         for kind, t in meta["tracks"].items():

@@ -63,6 +63,8 @@ def _add_model_and_cache(p: argparse.ArgumentParser, weights: str = "auto") -> N
     g.add_argument("--weights", default=weights, choices=WEIGHT_FORMATS,
                    help=f"linear weight storage (default {weights}): auto (int8 on a CPU where sinkstream's "
                         "kernels build, else float32) | float32 | bfloat16 | int8")
+    g.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="how the cache stores keys and values (default auto: as the model computes them)")
     g.add_argument("--decode", default="auto", choices=DECODE_MODES,
                    help="one-token steps: auto (default: the fused step where the model family has one) | "
                         "fused | transformers")
@@ -235,6 +237,13 @@ def _validate(args) -> None:
         args.prompts = _read_prompts(args.batch_file)
 
 
+def kv_dtype(args):
+    """The --kv-dtype option as a torch dtype (None: the model's own)."""
+    import torch
+
+    return None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
+
+
 def _read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -260,7 +269,8 @@ def _setup(args):
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
                                       weights=args.weights)
-        engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window, decode=args.decode)
+        engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window, decode=args.decode,
+                        kv_dtype=kv_dtype(args))
     except ValueError as e:  # unsupported family, unreadable model, no fused step for it
         raise UsageError(str(e)) from None
     return engine, args.params

@@ -136,7 +136,7 @@ class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
     def __init__(self, model, tokenizer, n_sink: int = 4, window: int = 1020, *, prefill_chunk: int | None = None,
-                 rebase: bool = True, dense: bool = False, decode: str = "auto"):
+                 rebase: bool = True, dense: bool = False, decode: str = "auto", kv_dtype: torch.dtype | None = None):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -145,6 +145,7 @@ class Engine:
         self.prefill_chunk = min(prefill_chunk or max(1, window // 2), window)
         self.rebase = rebase and not dense
         self.dense = dense  # a plain growing cache instead (the baseline that breaks)
+        self.kv_dtype = kv_dtype  # keys/values stored in this dtype (None: the model's)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos_ids = eos_ids(model, tokenizer)
@@ -160,7 +161,7 @@ class Engine:
 
             self.cache = DynamicCache(config=self.model.config)
         else:
-            self.cache = SinkCache(self.n_sink, self.window, config=self.model.config)
+            self.cache = SinkCache(self.n_sink, self.window, config=self.model.config, kv_dtype=self.kv_dtype)
         self.last_logits: torch.Tensor | None = None
         self.unfed: int | None = None  # the last sampled token, not yet fed to the model
         self.stop_hit = False  # the last generate() ended on a stop string

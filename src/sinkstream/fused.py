@@ -161,6 +161,7 @@ class FusedDecoder:
         head = model.get_output_embeddings()
         self.lm_head = head if isinstance(head, PackedLinear) else DenseLinear(head.weight.detach().t(), None)
         self.rotary = inner.rotary_emb
+        self._compiled = None
 
     def _layer(self, block) -> _Layer:
         attn, mlp = block.self_attn, block.mlp
@@ -185,15 +186,32 @@ class FusedDecoder:
         positions = torch.tensor([plan.positions, plan.sink_positions], device=device).t()  # [B, 2]
         slots = torch.tensor(plan.slots, device=device)
         lengths = torch.tensor(plan.lengths, device=device)
+        buffers = [(c.keys, c.values, c.sink_keys, c.sink_values) for c in cache.layers]
+        if self._compiled is not None:
+            for t in (t for layer in buffers for t in layer):
+                torch._dynamo.mark_static_address(t)  # written in place: CUDA graphs must not copy them
+            return self._compiled(ids, positions, slots, lengths, buffers)
+        return self._forward(ids, positions, slots, lengths, buffers)
+
+    def compile(self, **options) -> None:
+        """Capture the step's tensor work with ``torch.compile(**options)`` (on CUDA,
+        ``mode="reduce-overhead"`` records it as a CUDA graph). Every shape is fixed by the batch size and
+        the cache's capacity; a new batch size compiles again. The torch backend only."""
+        if self.native:
+            raise ValueError("compile() is for the torch backend (the native one is compiled C++ already)")
+        self._compiled = torch.compile(self._forward, **options)
+
+    def _forward(self, ids, positions, slots, lengths, buffers) -> torch.Tensor:
+        """The step's tensor work: ids [B], positions [B, 2], slots [B], lengths [B], per-layer buffers."""
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, positions)  # [B, 2, rot]: the new token's frame, then the sinks'
         if self.native:
             cos, sin = cos.float().contiguous(), sin.float().contiguous()
         x = x.to(self.final_norm.dtype)
-        for layer, cache_layer in zip(self.layers, cache.layers):
+        for layer, kv in zip(self.layers, buffers):
             h = self._norm(x, layer.input_norm)
             qkv = layer.qkv(h)
-            att = self._attend(qkv, cache_layer, slots, lengths, cos, sin, layer)
+            att = self._attend(qkv, kv, slots, lengths, cos, sin, layer)
             layer.o(att, acc=x)  # x += o(att)
             h = self._norm(x, layer.post_norm)
             layer.down(self._silu_mul(layer.gate_up(h)), acc=x)
@@ -212,17 +230,17 @@ class FusedDecoder:
         g, u = gu.chunk(2, dim=-1)
         return torch.nn.functional.silu(g) * u
 
-    def _attend(self, qkv, layer, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
+    def _attend(self, qkv, kv, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
         if self.native:
-            return native.ops().attend(qkv, layer.keys, layer.values, layer.sink_keys, layer.sink_values, slots,
-                                       lengths, cos, sin, self.heads, weights.q_norm, weights.k_norm, self.eps,
-                                       self.scaling)
-        return self._attend_torch(qkv, layer, slots, lengths, cos, sin, weights)
+            return native.ops().attend(qkv, *kv, slots, lengths, cos, sin, self.heads, weights.q_norm, weights.k_norm,
+                                       self.eps, self.scaling)
+        return self._attend_torch(qkv, kv, slots, lengths, cos, sin, weights)
 
-    def _attend_torch(self, qkv, layer, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
+    def _attend_torch(self, qkv, kv, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
         """The same step in PyTorch ops, every shape fixed by the cache's capacity."""
+        keys_buf, values_buf, sink_keys, sink_values = kv
         b, h, kvh, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
-        g, ns, cap = h // kvh, layer.sink_keys.shape[2], layer.keys.shape[2]
+        g, ns, cap = h // kvh, sink_keys.shape[2], keys_buf.shape[2]
         q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
         q, k, v = q.view(b, h, d), k.view(b, kvh, d), v.view(b, kvh, d)
         if weights.q_norm is not None:
@@ -231,17 +249,17 @@ class FusedDecoder:
         q_win = _rope(q, cos[:, :1], sin[:, :1]) * self.scaling
         q_sink = _rope(q, cos[:, 1:], sin[:, 1:]) * self.scaling
         rows = torch.arange(b, device=qkv.device)
-        layer.keys[rows, :, slots] = k.to(layer.keys.dtype)
-        layer.values[rows, :, slots] = v.to(layer.values.dtype)
+        keys_buf[rows, :, slots] = k.to(keys_buf.dtype)
+        values_buf[rows, :, slots] = v.to(values_buf.dtype)
         if ns:  # a new token in a sink slot is also kept as computed
             is_sink = (slots < ns)[:, None, None]
             s = slots.clamp(max=ns - 1)
-            layer.sink_keys[rows, :, s] = torch.where(is_sink, k, layer.sink_keys[rows, :, s]).to(layer.keys.dtype)
-            layer.sink_values[rows, :, s] = torch.where(is_sink, v, layer.sink_values[rows, :, s]).to(layer.keys.dtype)
-        keys, values = layer.keys.to(q.dtype), layer.values.to(q.dtype)
+            sink_keys[rows, :, s] = torch.where(is_sink, k, sink_keys[rows, :, s]).to(keys_buf.dtype)
+            sink_values[rows, :, s] = torch.where(is_sink, v, sink_values[rows, :, s]).to(keys_buf.dtype)
+        keys, values = keys_buf.to(q.dtype), values_buf.to(q.dtype)
         scores = q_win.view(b, kvh, g, d) @ keys.transpose(-1, -2)  # [B, KV, G, cap]
         if ns:
-            sink_scores = q_sink.view(b, kvh, g, d) @ layer.sink_keys.to(q.dtype).transpose(-1, -2)
+            sink_scores = q_sink.view(b, kvh, g, d) @ sink_keys.to(q.dtype).transpose(-1, -2)
             scores = torch.cat([sink_scores, scores[..., ns:]], dim=-1)
         valid = torch.arange(cap, device=qkv.device)[None, :] < lengths[:, None]  # [B, cap]
         scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))

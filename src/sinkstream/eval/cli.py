@@ -158,7 +158,8 @@ def run_chat(args, UsageError) -> int:
                          "turns": 2 * len(questions), "max_new_tokens": args.max_new_tokens, "runs": {}}
     variants = [("streaming", False)] + ([("dense", True)] if args.dense == "yes" else [])
     for label, dense in variants:
-        engine = Engine(model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode)
+        engine = Engine(model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode,
+                        kv_dtype=_kv_dtype(args))
         if not dense:
             label = f"streaming {args.sink}+{args.window}"
         max_pos = getattr(model.config, "max_position_embeddings", None) if dense else None
@@ -185,7 +186,7 @@ def run_streameval(args, UsageError) -> int:
     from .streameval import plot_accuracy, run_streameval as stream, summarize
 
     model, tok = _model(args, UsageError, args.attn)
-    engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode)
+    engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=_kv_dtype(args))
     records = stream(engine, args.lines, back=args.back_range, seed=args.seed, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,12 @@ def run_streameval(args, UsageError) -> int:
                   f"StreamEval · {name} · cache {args.sink}+{args.window}")
     summary["files"] = ["answers.jsonl"]
     return _finish(summary, out, args)
+
+
+def _kv_dtype(args):
+    import torch
+
+    return None if getattr(args, "kv_dtype", "auto") == "auto" else getattr(torch, args.kv_dtype)
 
 
 def _model(args, UsageError, attn=None):
@@ -347,7 +354,8 @@ def run_ppl(args, UsageError) -> int:
         nll = nll[len(prefix):]  # targets of the text only
         np.save(out / f"nll_{_slug(label)}.npy", nll.astype(np.float32))
         curves[label], infos[label] = nll, info
-    summary = {"command": "eval ppl", "model": args.model or "smollm2-135m", "dtype": args.dtype, "text": source,
+    summary = {"command": "eval ppl", "model": args.model or "smollm2-135m", "dtype": args.dtype,
+               "weights": getattr(model.config, "sinkstream_weights", "float32"), "text": source,
                "tokens": len(ids), "sink_prefix": args.sink_prefix, "methods": infos}
     if len(curves) > 1:  # the targets every method evaluated (recompute with --stride: a subsample)
         common = np.all([~np.isnan(v) for v in curves.values()], axis=0)

@@ -321,6 +321,66 @@ inline void axpy(float* o, float p, const T* v, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] += p * to_float(v[d]);
 }
 
+// s[j] = q . K[j] for n keys of D dims (rows of K contiguous)
+template <class T>
+inline void scores(const float* q, const T* K, int64_t n, int64_t D, float* s) {
+  int64_t j = 0;
+#if SS_AVX2
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) {  // eight keys at once, reduced together
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(K + (j + i) * D + d), a[i]);
+      }
+      const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+      const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+  }
+#endif
+  for (; j < n; ++j) s[j] = dot(q, K + j * D, D);
+}
+
+// o[0:D] += sum_j p[j] V[j] over n rows of V (D dims, contiguous)
+template <int NV, class T>
+inline void weighted_slab(const float* p, const T* V, int64_t n, int64_t D, float* o) {
+#if SS_AVX2
+  __m256 a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = _mm256_loadu_ps(o + 8 * v);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 pv = _mm256_set1_ps(p[j]);
+    for (int v = 0; v < NV; ++v) a[v] = _mm256_fmadd_ps(pv, load8(V + j * D + 8 * v), a[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(o + 8 * v, a[v]);
+#endif
+}
+
+template <class T>
+inline void weighted_sum(const float* p, const T* V, int64_t n, int64_t D, float* o) {
+  if (n <= 0) return;
+#if SS_AVX2
+  if (D % 8 == 0) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) weighted_slab<8>(p, V + d, n, D, o + d);
+    switch ((D - d) / 8) {
+      case 7: weighted_slab<7>(p, V + d, n, D, o + d); break;
+      case 6: weighted_slab<6>(p, V + d, n, D, o + d); break;
+      case 5: weighted_slab<5>(p, V + d, n, D, o + d); break;
+      case 4: weighted_slab<4>(p, V + d, n, D, o + d); break;
+      case 3: weighted_slab<3>(p, V + d, n, D, o + d); break;
+      case 2: weighted_slab<2>(p, V + d, n, D, o + d); break;
+      case 1: weighted_slab<1>(p, V + d, n, D, o + d); break;
+      default: break;
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) axpy(o, p[j], V + j * D, D);
+}
+
 inline void exp_shifted(float* s, int64_t n, float mx) {  // s <- exp(s - mx)
   int64_t j = 0;
 #if SS_AVX2
@@ -384,7 +444,7 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor
   }
 
   // tasks: (row, kv head, chunk of keys); each keeps an unnormalized partial softmax
-  constexpr int64_t kChunk = 128;
+  constexpr int64_t kChunk = 32;
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(len_p[b] >= 1 && len_p[b] <= cap, "lengths out of range");
@@ -409,20 +469,17 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor
       for (int64_t g = 0; g < G; ++g) {
         const float* qw = q.data() + ((b * H + h * G + g) * 2) * D;
         const float* qs = qw + D;
+        const int64_t w0 = std::max(j0, NS);  // the window's slots in this chunk: [w0, j1)
+        for (int64_t j = j0; j < w0; ++j) s[j - j0] = dot(qs, ksh + j * D, D);
+        scores(qw, kh + w0 * D, j1 - w0, D, s.data() + (w0 - j0));
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = j0; j < j1; ++j) {
-          const float v = j < NS ? dot(qs, ksh + j * D, D) : dot(qw, kh + j * D, D);
-          s[j - j0] = v;
-          mx = std::max(mx, v);
-        }
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
         exp_shifted(s.data(), n, mx);
         float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += s[j];
         float* og = part_out.data() + (t * G + g) * D;
-        for (int64_t j = j0; j < j1; ++j) {
-          const float p = s[j - j0];
-          sum += p;
-          axpy(og, p, j < NS ? vsh + j * D : vh + j * D, D);
-        }
+        weighted_sum(s.data(), j0 < NS ? vsh + j0 * D : vh + j0 * D, std::min(w0, j1) - j0, D, og);
+        weighted_sum(s.data() + (w0 - j0), vh + w0 * D, j1 - w0, D, og);
         part_mx[t * G + g] = mx;
         part_sum[t * G + g] = sum;
       }

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import torch
 import secrets
 from dataclasses import dataclass
 from importlib import resources
@@ -49,6 +51,7 @@ class ServerConfig:
     max_batch: int = 16
     prefill_chunk: int | None = None
     decode: str = "auto"  # one-token steps: the fused decoder where it applies (auto | fused | transformers)
+    kv_dtype: str | None = None  # keys/values of new caches stored in this dtype (None: the model's)
 
     def check(self) -> None:
         for name in ("max_request_tokens", "max_completion_tokens", "default_max_tokens", "max_body_bytes",
@@ -248,7 +251,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         for i, prompt in enumerate(prompts):
             ids = tokenizer(prompt).input_ids if prompt else [tokenizer.bos_token_id or 0]
             _check_length(len(ids))
-            job = Job(ids, params, SinkCache(config.n_sink, config.window, config=model.config),
+            job = Job(ids, params, new_cache(),
                       events=AsyncEvents(loop, queue, tag=i), logit_bias=bias)
             turns.append(Turn(job, None))
         submitted = []
@@ -316,6 +319,11 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
 
+    kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else None
+
+    def new_cache() -> SinkCache:
+        return SinkCache(config.n_sink, config.window, config=model.config, kv_dtype=kv_dtype)
+
     def _submit(job: Job) -> None:
         worker.submit(job)
         metrics.active.inc()  # _end decrements it
@@ -353,12 +361,12 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
             conv = session.conversation
             if session.new:  # the first request's messages are the conversation so far
                 conv.system, conv.messages = system, msgs[:-1]
-            cache = session.cache or SinkCache(config.n_sink, config.window, config=model.config)
+            cache = session.cache or new_cache()
             session.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
             session.mark()
         else:
             conv = Conversation(system=system, messages=msgs[:-1])
-            cache = SinkCache(config.n_sink, config.window, config=model.config)
+            cache = new_cache()
         before = len(conv.messages)
         try:
             ids = await run_in_threadpool(conv.begin, tokenizer, msgs[-1]["content"])

@@ -79,7 +79,8 @@ def run(args, UsageError) -> int:
                           api_key=args.api_key, max_sessions=args.max_sessions,
                           max_request_tokens=args.max_request_tokens, max_completion_tokens=args.max_completion_tokens,
                           default_max_tokens=args.default_max_tokens, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_batch=args.max_batch, decode=args.decode)
+                          max_batch=args.max_batch, decode=args.decode,
+                          kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype)
     app = create_app(model, tokenizer, config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)
