@@ -70,8 +70,8 @@ def client_loop(url: str, cid: int, turns: int, max_tokens: int, questions: list
 def run(args, max_batch: int, questions: list[str]) -> dict:
     state = Path(args.out) / f"state-batch{max_batch}"
     shutil.rmtree(state, ignore_errors=True)
-    srv = Server(args.model or "smollm2-135m", state, "--max-batch", str(max_batch), sink=args.sink,
-                 window=args.window, threads=args.threads, name="bench")
+    srv = Server(args.model or "smollm2-135m", state, "--max-batch", str(max_batch), *args.server_args.split(),
+                 sink=args.sink, window=args.window, threads=args.threads, name="bench")
     srv.start()
     proc = psutil.Process(srv.proc.pid)
     peak = [proc.memory_info().rss]
@@ -96,6 +96,7 @@ def run(args, max_batch: int, questions: list[str]) -> dict:
     wall = time.perf_counter() - t0
     stop.set()
     sessions = [srv.request("GET", f"/v1/sessions/bench-{i}")[1] for i in range(args.clients)]
+    model = _model_time(srv.request("GET", "/metrics")[1])
     srv.stop()
     return {
         "max_batch": max_batch, "turns": out["turns"], "errors": len(out["errors"]), "error_samples": out["errors"][:3],
@@ -106,7 +107,23 @@ def run(args, max_batch: int, questions: list[str]) -> dict:
         "server_peak_rss_mb": round(peak[0] / 2**20, 1),
         "session_tokens_seen": [s.get("tokens_seen") for s in sessions],
         "session_tokens_cached_max": max((s.get("tokens_cached") or 0) for s in sessions),
+        "model_seconds": model,  # where the worker's time went (the server's /metrics)
     }
+
+
+def _model_time(metrics: str) -> dict:
+    """Prefill and decode seconds, decode steps and rows, from the server's Prometheus text."""
+    out = {}
+    for line in metrics.splitlines():
+        for key, name in (('sinkstream_model_seconds_total{phase="prefill"}', "prefill_s"),
+                          ('sinkstream_model_seconds_total{phase="decode"}', "decode_s"),
+                          ("sinkstream_decode_steps_total", "decode_steps"),
+                          ("sinkstream_decode_rows_total", "decode_rows")):
+            if line.startswith(key + " "):
+                out[name] = round(float(line.split()[-1]), 2)
+    if out.get("decode_steps"):
+        out["mean_batch"] = round(out["decode_rows"] / out["decode_steps"], 2)
+    return out
 
 
 def main() -> int:
@@ -119,6 +136,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=1020)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="batched,sequential", help="batched, sequential or both")
+    ap.add_argument("--server-args", default="", help="more `sinkstream serve` options, e.g. '--kv-dtype float16'")
     ap.add_argument("--out", default="out/bench-serve")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -128,6 +146,7 @@ def main() -> int:
     questions = [q["turns"][0] for q in mt_bench_questions()]
     result = {"clients": args.clients, "turns_per_client": args.turns, "max_tokens": args.max_tokens,
               "cache": f"{args.sink}+{args.window}", "model": args.model or "smollm2-135m",
+              "server_args": args.server_args,
               "date": time.strftime("%Y-%m-%d")}
     modes = args.modes.split(",")
     if "batched" in modes:

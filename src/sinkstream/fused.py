@@ -162,6 +162,48 @@ class FusedDecoder:
         self.lm_head = head if isinstance(head, PackedLinear) else DenseLinear(head.weight.detach().t(), None)
         self.rotary = inner.rotary_emb
         self._compiled = None
+        self._native_plan = self._plan_native() if self.native else None
+
+    def _plan_native(self):
+        """Per layer, the kernels' arguments resolved once: a step is then ~8 kernel calls a layer with no
+        Python in between (resolving ``torch.ops`` names and module calls costs more than a small kernel)."""
+        ops = native.ops()
+        linear, dense = ops.packed_linear.default, torch.Tensor.addmm_
+
+        def call(lin):
+            if isinstance(lin, PackedLinear) and lin.packed:
+                return (linear, (lin.weight, lin.scale, lin.bias))
+            if isinstance(lin, DenseLinear) and lin.bias is None:
+                return (dense, (lin.weight_t,))
+            return None
+
+        plans = []
+        for layer in self.layers:
+            parts = [call(lin) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            if any(p is None for p in parts):
+                return None  # a layout the plan does not cover (e.g. an unpacked or biased dense layer)
+            plans.append((layer.input_norm, layer.post_norm, *parts, layer.q_norm, layer.k_norm))
+        return ops.rms_norm.default, ops.silu_mul.default, ops.attend.default, plans
+
+    def _forward_native(self, ids, positions, slots, lengths, buffers) -> torch.Tensor:
+        rms, silu_mul, attend, plans = self._native_plan
+        eps, heads, scaling = self.eps, self.heads, self.scaling
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        x = x.float().contiguous()
+
+        def apply(part, h, acc=None):
+            fn, args = part
+            if fn is torch.Tensor.addmm_:
+                return acc.addmm_(h, args[0]) if acc is not None else h @ args[0]
+            return fn(h, *args, acc)
+
+        for (n_in, n_post, qkv, o, gate_up, down, qn, kn), kv in zip(plans, buffers):
+            att = attend(apply(qkv, rms(x, n_in, eps)), *kv, slots, lengths, cos, sin, heads, qn, kn, eps, scaling)
+            apply(o, att, x)  # x += o(att)
+            apply(down, silu_mul(apply(gate_up, rms(x, n_post, eps))), x)
+        return self.lm_head(rms(x, self.final_norm, eps)).float()
 
     def _layer(self, block) -> _Layer:
         attn, mlp = block.self_attn, block.mlp
@@ -191,6 +233,8 @@ class FusedDecoder:
             for t in (t for layer in buffers for t in layer):
                 torch._dynamo.mark_static_address(t)  # written in place: CUDA graphs must not copy them
             return self._compiled(ids, positions, slots, lengths, buffers)
+        if self._native_plan is not None:
+            return self._forward_native(ids, positions, slots, lengths, buffers)
         return self._forward(ids, positions, slots, lengths, buffers)
 
     def compile(self, **options) -> None:

@@ -25,7 +25,7 @@ from . import native
 
 WEIGHT_FORMATS = ("auto", "float32", "bfloat16", "int8")
 TILE_ROWS, TILE_BLOCK = 4, 8  # the kernels' packed layout: [N / 4, K / 8, 4, 8]
-SMALL_BATCH = 16  # rows up to which the kernels beat dequantize + matmul
+SMALL_BATCH = 16  # rows up to which the kernels beat dequantize + PyTorch's matmul (which blocks for cache)
 
 
 def resolve_format(weights: str, device: str | torch.device, dtype: torch.dtype) -> str:
@@ -53,11 +53,17 @@ def unpack(p: torch.Tensor) -> torch.Tensor:
     return p.permute(0, 2, 1, 3).reshape(t * r, kb * b)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: (q [N, K] int8, scale [N] float32) with ``w ≈ q * scale[:, None]``."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_int8(w: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q [N, K] int8, scale [N] float32) with ``w ≈ q * scale[:, None]``.
+    Works ``rows`` rows at a time, so a large matrix (an lm_head) needs no full-size float temporaries."""
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for lo in range(0, w.shape[0], rows):
+        block = w[lo : lo + rows].float()
+        s = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q[lo : lo + rows] = torch.round(block / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[lo : lo + rows] = s
     return q, scale
 
 

@@ -24,10 +24,21 @@ class Metrics:
                                      registry=r)
         self.sessions = Gauge("sinkstream_sessions", "sessions stored", registry=r)
         self.turns = Counter("sinkstream_turns", "generation requests by outcome", ["outcome"], registry=r)
+        self.model_seconds = Counter("sinkstream_model_seconds", "time the worker spent in model forwards",
+                                     ["phase"], registry=r)
+        self.decode_steps = Counter("sinkstream_decode_steps", "batched decode steps", registry=r)
+        self.decode_rows = Counter("sinkstream_decode_rows", "rows fed by decode steps (sum of batch sizes)",
+                                   registry=r)
 
     # called by the worker thread (prometheus_client is thread-safe)
-    def prefilled(self, n: int) -> None:
+    def prefilled(self, n: int, seconds: float = 0.0) -> None:
         self.prompt_tokens.inc(n)
+        self.model_seconds.labels("prefill").inc(seconds)
+
+    def stepped(self, rows: int, seconds: float) -> None:
+        self.decode_steps.inc()
+        self.decode_rows.inc(rows)
+        self.model_seconds.labels("decode").inc(seconds)
 
     def generated(self, n: int) -> None:
         self.generated_tokens.inc(n)

@@ -139,10 +139,11 @@ class Worker:
         if job.fed < len(job.ids):
             chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
             x = torch.tensor([chunk], device=self.device)
+            t0 = time.perf_counter()
             job.logits = forward_stream(self.model, job.cache, x, fused=self.fused)[0]
             job.fed += len(chunk)
             if self.metrics:
-                self.metrics.prefilled(len(chunk))
+                self.metrics.prefilled(len(chunk), time.perf_counter() - t0)
 
     def _join(self, job: Job) -> None:
         self.batch_cache = job.cache if self.batch_cache is None else SinkCache.stack([self.batch_cache, job.cache])
@@ -185,7 +186,11 @@ class Worker:
     def _step(self, next_ids: list[int]) -> torch.Tensor:
         """Feed one token per batch row; the next logits [B, V]."""
         x = torch.tensor(next_ids, device=self.device)[:, None]
-        return forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1, fused=self.fused)[0]
+        t0 = time.perf_counter()
+        logits = forward_stream(self.model, self.batch_cache, x, rows_differ=len(self.batch) > 1, fused=self.fused)[0]
+        if self.metrics:
+            self.metrics.stepped(len(next_ids), time.perf_counter() - t0)
+        return logits
 
     def _sample_row(self, job: Job, b: int, logits: torch.Tensor) -> int | None:
         """Sample row ``b`` and emit its token; returns the token to feed, or None if the row finished."""
