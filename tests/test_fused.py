@@ -145,6 +145,10 @@ def test_packed_linear_equals_its_dequantized_reference(fmt, rows):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(44, 96, generator=gen))
     layer = PackedLinear.from_linear(lin, fmt)
+    plain = (unpack(layer.weight) if layer.packed else layer.weight).float()
+    if layer.scale is not None:
+        plain = plain * layer.scale[:, None]
+    assert torch.equal(layer.dequantized(), plain) and torch.equal(layer.dequantized(8, 20), plain[8:20])
     x = torch.randn(rows, 96, generator=gen)
     ref = x.double() @ layer.dequantized().double().t() + lin.bias.detach().double()
     tol = 1e-5 * float((x.abs().double() @ layer.dequantized().abs().double().t()).max())

@@ -25,6 +25,7 @@ from . import native
 
 WEIGHT_FORMATS = ("auto", "float32", "bfloat16", "int8")
 TILE_ROWS, TILE_BLOCK = 4, 8  # the kernels' packed layout: [N / 4, K / 8, 4, 8]
+DEQUANT_ROWS = 1024  # output rows dequantized at a time for many-row products (multiple of TILE_ROWS)
 SMALL_BATCH = 16  # rows up to which the kernels beat dequantize + PyTorch's matmul (which blocks for cache)
 
 
@@ -120,10 +121,15 @@ class PackedLinear(nn.Module):
         return PackedLinear(self.weight[lo // div : hi // div], None if self.scale is None else self.scale[lo:hi],
                             None if self.bias is None else self.bias[lo:hi], self.in_features, hi - lo, self.packed)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weights as float32 [N, K]."""
-        w = (unpack(self.weight) if self.packed else self.weight).float()
-        return w * self.scale[:, None] if self.scale is not None else w
+    def dequantized(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """The weights of output rows [lo, hi) as float32 [hi - lo, K] (all rows by default)."""
+        hi = self.out_features if hi is None else hi
+        if self.packed and lo % TILE_ROWS == 0 and hi % TILE_ROWS == 0:  # one pass in the kernels
+            return native.ops().dequantize_tiles(self.weight, self.scale, lo // TILE_ROWS, hi // TILE_ROWS)
+        div = TILE_ROWS if self.packed else 1
+        w = self.weight[lo // div : hi // div]
+        w = (unpack(w) if self.packed else w).float()
+        return w * self.scale[lo:hi, None] if self.scale is not None else w
 
     def forward(self, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` over the last dim of ``x``; with ``acc`` ([M, N]) the product is added into it."""
@@ -142,7 +148,16 @@ class PackedLinear(nn.Module):
             out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
             out = out.float()
             return out + self.bias if self.bias is not None else out
-        return F.linear(x.float(), self.dequantized(), self.bias)
+        return self._blocked_matmul(x.float())
+
+    def _blocked_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for many rows (prefill): the weights dequantized DEQUANT_ROWS output rows at a time,
+        so each block is converted in cache and multiplied by PyTorch's matmul, never the whole matrix."""
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        for lo in range(0, self.out_features, DEQUANT_ROWS):
+            hi = min(self.out_features, lo + DEQUANT_ROWS)
+            out[:, lo:hi] = x @ self.dequantized(lo, hi).t()
+        return out + self.bias if self.bias is not None else out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"

@@ -240,6 +240,41 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   return out;
 }
 
+// Output rows [4 t0, 4 t1) of packed weights as float32 [rows, K] (times their scale): the block a
+// many-row product (prefill) hands to PyTorch's matmul, converted in one pass.
+at::Tensor dequantize_tiles(const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t t0, int64_t t1) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == kRows && w.size(3) == kBlock && w.is_contiguous(), "w must be packed");
+  TORCH_CHECK(0 <= t0 && t0 <= t1 && t1 <= w.size(0), "tiles out of range");
+  const int64_t K = w.size(1) * kBlock, rows = (t1 - t0) * kRows;
+  const bool is_int8 = w.scalar_type() == at::kChar;
+  TORCH_CHECK(is_int8 || w.scalar_type() == at::kBFloat16, "packed weights are int8 or bfloat16");
+  auto out = at::empty({rows, K}, w.options().dtype(at::kFloat));
+  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  auto run = [&](auto* wp) {
+    at::parallel_for(t0, t1, 8, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t)
+        for (int64_t kb = 0; kb < K / kBlock; ++kb)
+          for (int64_t i = 0; i < kRows; ++i) {
+            const int64_t row = t * kRows + i;
+            const auto* src = wp + ((t * (K / kBlock) + kb) * kRows + i) * kBlock;
+            float* dst = op + (row - t0 * kRows) * K + kb * kBlock;
+            const float sc = sp ? sp[row] : 1.0f;
+#if SS_AVX2
+            _mm256_storeu_ps(dst, _mm256_mul_ps(load8(src), _mm256_set1_ps(sc)));
+#else
+            for (int64_t j = 0; j < kBlock; ++j) dst[j] = to_float(src[j]) * sc;
+#endif
+          }
+    });
+  };
+  if (is_int8)
+    run(w.data_ptr<int8_t>());
+  else
+    run(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // elementwise
 
@@ -547,6 +582,7 @@ int64_t simd_width() { return SS_AVX2 ? 8 : 1; }
 
 TORCH_LIBRARY(sinkstream, m) {
   m.def("packed_linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, Tensor(a!)? acc) -> Tensor");
+  m.def("dequantize_tiles(Tensor w, Tensor? scale, int t0, int t1) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("attend(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor(c!) Ks, Tensor(d!) Vs, Tensor slots, Tensor lengths, "
@@ -556,6 +592,7 @@ TORCH_LIBRARY(sinkstream, m) {
 
 TORCH_LIBRARY_IMPL(sinkstream, CPU, m) {
   m.impl("packed_linear", packed_linear);
+  m.impl("dequantize_tiles", dequantize_tiles);
   m.impl("rms_norm", rms_norm);
   m.impl("silu_mul", silu_mul);
   m.impl("attend", attend);
