@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sinkstream-installed
 
-.PHONY: demo test test-slow bench models clean chromium
+.PHONY: demo test test-slow lint format docs bench models clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,19 @@ chromium:
 		{ apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
 		>/dev/null 2>&1 || echo "chromium could not be installed: the web page test will skip")
 
-test: $(STAMP) chromium
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+# the documentation site, into out/site; --strict fails on a broken link or a page missing from nav
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: $(STAMP) chromium lint
 	$(PY) -m pytest -q -m "slow or not slow"  # CI budget allows the real-model tests (~5 min)
 
 test-slow: $(STAMP)

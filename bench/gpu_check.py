@@ -58,7 +58,7 @@ def check_family(family: str, dtype, device, steps: int) -> dict:
     fused = FusedDecoder(tiny_model(family, layers=2, attn="sdpa").to(device=device, dtype=dtype), "torch")
     a = SinkCache(4, 28, config=ref.config)
     b = SinkCache(4, 28, config=ref.config)
-    ids = random_ids(steps, seed=1)[0].to(device)
+    ids = random_ids(steps + 40, seed=1)[0].to(device)  # the last 40 feed the batch
     worst, spread = 0.0, 0.0
     with torch.no_grad():
         for t in range(steps):
@@ -73,7 +73,7 @@ def check_family(family: str, dtype, device, steps: int) -> dict:
         batch = SinkCache.stack(rows)
         batch_worst = 0.0
         for t in range(40):
-            x = ids[100 + t : 101 + t]
+            x = ids[steps + t : steps + t + 1]
             together = fused.step(batch, x.expand(3))
             for i, r in enumerate(rows):
                 alone = fused.step(r, x)
