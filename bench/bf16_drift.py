@@ -53,13 +53,21 @@ def main() -> None:
     a, b = nll["float32"], nll["bfloat16"]
     parts = {f"{i // 1000}k-{(i + seg) // 1000}k": slice(i, min(i + seg, len(a))) for i in range(0, len(a), seg)}
     result = {
-        "tokens": int(len(a)), "cache": f"{args.sink}+{args.window}", "chunk": args.chunk,
-        "ppl_fp32": round(perplexity(a), 4), "ppl_bf16": round(perplexity(b), 4),
+        "tokens": len(a),
+        "cache": f"{args.sink}+{args.window}",
+        "chunk": args.chunk,
+        "ppl_fp32": round(perplexity(a), 4),
+        "ppl_bf16": round(perplexity(b), 4),
         "ppl_rel_diff": round(perplexity(b) / perplexity(a) - 1, 5),
-        "segments": {name: {"ppl_fp32": round(perplexity(a[s]), 4), "ppl_bf16": round(perplexity(b[s]), 4),
-                            "ppl_rel_diff": round(perplexity(b[s]) / perplexity(a[s]) - 1, 5),
-                            "mean_abs_nll_diff": round(float(np.abs(b[s] - a[s]).mean()), 5)}
-                     for name, s in parts.items()},
+        "segments": {
+            name: {
+                "ppl_fp32": round(perplexity(a[s]), 4),
+                "ppl_bf16": round(perplexity(b[s]), 4),
+                "ppl_rel_diff": round(perplexity(b[s]) / perplexity(a[s]) - 1, 5),
+                "mean_abs_nll_diff": round(float(np.abs(b[s] - a[s]).mean()), 5),
+            }
+            for name, s in parts.items()
+        },
         "seconds": secs,
     }
     names = list(parts)

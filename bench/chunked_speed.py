@@ -49,9 +49,15 @@ def main() -> None:
     streaming_nll(model, torch.tensor(ids), args.sink, args.window, chunk=args.chunk, progress=False)
     chunk_rate = (len(ids) - 1) / (time.perf_counter() - t0)
     print(f"exact chunks of {args.chunk}: {chunk_rate:.1f} tokens/s", flush=True)
-    result = {"token_by_token_tokens_per_s": round(step_rate, 2), "chunked_tokens_per_s": round(chunk_rate, 2),
-              "speedup": round(chunk_rate / step_rate, 2), "chunk": args.chunk, "tokens": len(ids) - 1,
-              "cache": f"{args.sink}+{args.window}", "minutes_per_million_tokens": round(1e6 / chunk_rate / 60, 1)}
+    result = {
+        "token_by_token_tokens_per_s": round(step_rate, 2),
+        "chunked_tokens_per_s": round(chunk_rate, 2),
+        "speedup": round(chunk_rate / step_rate, 2),
+        "chunk": args.chunk,
+        "tokens": len(ids) - 1,
+        "cache": f"{args.sink}+{args.window}",
+        "minutes_per_million_tokens": round(1e6 / chunk_rate / 60, 1),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "chunked_speed.json").write_text(json.dumps(result, indent=2))

@@ -73,8 +73,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tok, runs = variants()
     ids = tok(gutenberg_text(book="austen-emma"), add_special_tokens=False).input_ids[: max(POINTS.values()) + 200]
-    result = {"command": "bench/fused_step.py", "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
-              "cache": "4+1020", "points": POINTS, "ms": {}, "tokens_per_s": {}, "vs_transformers_float32": {}}
+    result = {
+        "command": "bench/fused_step.py",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "cache": "4+1020",
+        "points": POINTS,
+        "ms": {},
+        "tokens_per_s": {},
+        "vs_transformers_float32": {},
+    }
     with torch.no_grad():
         states = {}
         for name, model, _ in runs:
@@ -99,8 +108,11 @@ def main() -> None:
     (out / "fused_step.json").write_text(json.dumps(result, indent=2))
     for point in POINTS:
         for name in result["ms"][point]:
-            print(f"{point:>6} {name:28s} {result['ms'][point][name]:7.2f} ms  {result['tokens_per_s'][point][name]:7.2f} "
-                  f"tokens/s  {result['vs_transformers_float32'][point][name]:5.2f}x", file=sys.stderr)
+            print(
+                f"{point:>6} {name:28s} {result['ms'][point][name]:7.2f} ms  {result['tokens_per_s'][point][name]:7.2f} "
+                f"tokens/s  {result['vs_transformers_float32'][point][name]:5.2f}x",
+                file=sys.stderr,
+            )
     print(json.dumps(result))
 
 

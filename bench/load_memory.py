@@ -32,13 +32,21 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench")
     args = ap.parse_args()
     result = {"command": "bench/load_memory.py", "model": args.model or "smollm2-135m"}
-    for name, flag, weights in (("float32, standard layout", "0", "float32"), ("float32, decode layout", "1", "float32"),
-                                ("bfloat16", "1", "bfloat16"), ("int8 (default)", "1", "int8")):
-        run = subprocess.run([sys.executable, "-c", CHILD, args.model, flag, weights], capture_output=True, text=True,
-                             check=True)
+    for name, flag, weights in (
+        ("float32, standard layout", "0", "float32"),
+        ("float32, decode layout", "1", "float32"),
+        ("bfloat16", "1", "bfloat16"),
+        ("int8 (default)", "1", "int8"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-c", CHILD, args.model, flag, weights], capture_output=True, text=True, check=True
+        )
         result[name] = json.loads(run.stdout.strip().splitlines()[-1])
-        print(f"{name:24s} RSS after load {result[name]['rss_after_load_mb']:7.1f} MB, "
-              f"peak {result[name]['peak_rss_mb']:7.1f} MB", file=sys.stderr)
+        print(
+            f"{name:24s} RSS after load {result[name]['rss_after_load_mb']:7.1f} MB, "
+            f"peak {result[name]['peak_rss_mb']:7.1f} MB",
+            file=sys.stderr,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "load_memory.json").write_text(json.dumps(result, indent=2))

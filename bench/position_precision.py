@@ -61,8 +61,11 @@ def main():
     rows = {"bounded": {"max_position": ref_pos, "max_abs_dlogit": 0.0, "ppl": round(ppl(ref), 4)}}
     for off in [int(x) for x in args.offsets.split(",")]:
         logits, pos = stream_logits(model, ids, off, 4, args.window, args.eval)
-        rows[str(off)] = {"max_position": pos, "max_abs_dlogit": round((logits - ref).abs().max().item(), 5),
-                          "ppl": round(ppl(logits), 4)}
+        rows[str(off)] = {
+            "max_position": pos,
+            "max_abs_dlogit": round((logits - ref).abs().max().item(), 5),
+            "ppl": round(ppl(logits), 4),
+        }
         print(off, rows[str(off)], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

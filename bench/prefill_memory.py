@@ -42,8 +42,14 @@ def main() -> None:
                 engine.step(t)
             pos += 8
             rss.append(round(rss_mb(), 1))
-    result = {"onednn_prefill": args.onednn, "turns": args.turns, "tokens_seen": engine.tokens_seen,
-              "rss_mb_first_turn": rss[0], "rss_mb_last_turn": rss[-1], "growth_mb": round(rss[-1] - rss[0], 1)}
+    result = {
+        "onednn_prefill": args.onednn,
+        "turns": args.turns,
+        "tokens_seen": engine.tokens_seen,
+        "rss_mb_first_turn": rss[0],
+        "rss_mb_last_turn": rss[-1],
+        "growth_mb": round(rss[-1] - rss[0], 1),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"prefill_memory{'_onednn' if args.onednn else ''}.json").write_text(json.dumps(result, indent=2))

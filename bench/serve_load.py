@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import threading
 import time
@@ -34,7 +33,9 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
 
 
-def client_loop(url: str, cid: int, turns: int, max_tokens: int, questions: list[str], out: dict, start: threading.Event):
+def client_loop(
+    url: str, cid: int, turns: int, max_tokens: int, questions: list[str], out: dict, start: threading.Event
+):
     import openai
 
     c = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
@@ -45,9 +46,15 @@ def client_loop(url: str, cid: int, turns: int, max_tokens: int, questions: list
         first, last, gaps, usage = None, None, [], None
         try:
             stream = c.chat.completions.create(
-                model="bench", messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0.7,
-                seed=cid * 1000 + t, stream=True, stream_options={"include_usage": True},
-                extra_body={"session_id": f"bench-{cid}"})
+                model="bench",
+                messages=[{"role": "user", "content": q}],
+                max_tokens=max_tokens,
+                temperature=0.7,
+                seed=cid * 1000 + t,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"session_id": f"bench-{cid}"},
+            )
             for chunk in stream:
                 if chunk.usage:
                     usage = chunk.usage
@@ -63,15 +70,24 @@ def client_loop(url: str, cid: int, turns: int, max_tokens: int, questions: list
             out["tokens"] += usage.completion_tokens
             out["prompt_tokens"] += usage.prompt_tokens
             out["turns"] += 1
-        except Exception as e:  # noqa: BLE001 - counted, reported
+        except Exception as e:
             out["errors"].append(f"{type(e).__name__}: {e}")
 
 
 def run(args, max_batch: int, questions: list[str]) -> dict:
     state = Path(args.out) / f"state-batch{max_batch}"
     shutil.rmtree(state, ignore_errors=True)
-    srv = Server(args.model or "smollm2-135m", state, "--max-batch", str(max_batch), *args.server_args.split(),
-                 sink=args.sink, window=args.window, threads=args.threads, name="bench")
+    srv = Server(
+        args.model or "smollm2-135m",
+        state,
+        "--max-batch",
+        str(max_batch),
+        *args.server_args.split(),
+        sink=args.sink,
+        window=args.window,
+        threads=args.threads,
+        name="bench",
+    )
     srv.start()
     proc = psutil.Process(srv.proc.pid)
     peak = [proc.memory_info().rss]
@@ -83,8 +99,10 @@ def run(args, max_batch: int, questions: list[str]) -> dict:
 
     out = {"ttft": [], "gaps": [], "tokens": 0, "prompt_tokens": 0, "turns": 0, "errors": []}
     start = threading.Event()
-    threads = [threading.Thread(target=client_loop, args=(srv.url, i, args.turns, args.max_tokens, questions, out, start))
-               for i in range(args.clients)]
+    threads = [
+        threading.Thread(target=client_loop, args=(srv.url, i, args.turns, args.max_tokens, questions, out, start))
+        for i in range(args.clients)
+    ]
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     for t in threads:
@@ -99,8 +117,13 @@ def run(args, max_batch: int, questions: list[str]) -> dict:
     model = _model_time(srv.request("GET", "/metrics")[1])
     srv.stop()
     return {
-        "max_batch": max_batch, "turns": out["turns"], "errors": len(out["errors"]), "error_samples": out["errors"][:3],
-        "generated_tokens": out["tokens"], "prompt_tokens": out["prompt_tokens"], "wall_s": round(wall, 1),
+        "max_batch": max_batch,
+        "turns": out["turns"],
+        "errors": len(out["errors"]),
+        "error_samples": out["errors"][:3],
+        "generated_tokens": out["tokens"],
+        "prompt_tokens": out["prompt_tokens"],
+        "wall_s": round(wall, 1),
         "tokens_per_s": round(out["tokens"] / wall, 2),
         "ttft_ms": {"p50": pct(out["ttft"], 0.5), "p99": pct(out["ttft"], 0.99)},
         "token_gap_ms": {"p50": pct(out["gaps"], 0.5), "p99": pct(out["gaps"], 0.99)},
@@ -115,10 +138,12 @@ def _model_time(metrics: str) -> dict:
     """Prefill and decode seconds, decode steps and rows, from the server's Prometheus text."""
     out = {}
     for line in metrics.splitlines():
-        for key, name in (('sinkstream_model_seconds_total{phase="prefill"}', "prefill_s"),
-                          ('sinkstream_model_seconds_total{phase="decode"}', "decode_s"),
-                          ("sinkstream_decode_steps_total", "decode_steps"),
-                          ("sinkstream_decode_rows_total", "decode_rows")):
+        for key, name in (
+            ('sinkstream_model_seconds_total{phase="prefill"}', "prefill_s"),
+            ('sinkstream_model_seconds_total{phase="decode"}', "decode_s"),
+            ("sinkstream_decode_steps_total", "decode_steps"),
+            ("sinkstream_decode_rows_total", "decode_rows"),
+        ):
             if line.startswith(key + " "):
                 out[name] = round(float(line.split()[-1]), 2)
     if out.get("decode_steps"):
@@ -144,10 +169,15 @@ def main() -> int:
     from sinkstream.eval.data import mt_bench_questions
 
     questions = [q["turns"][0] for q in mt_bench_questions()]
-    result = {"clients": args.clients, "turns_per_client": args.turns, "max_tokens": args.max_tokens,
-              "cache": f"{args.sink}+{args.window}", "model": args.model or "smollm2-135m",
-              "server_args": args.server_args,
-              "date": time.strftime("%Y-%m-%d")}
+    result = {
+        "clients": args.clients,
+        "turns_per_client": args.turns,
+        "max_tokens": args.max_tokens,
+        "cache": f"{args.sink}+{args.window}",
+        "model": args.model or "smollm2-135m",
+        "server_args": args.server_args,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     modes = args.modes.split(",")
     if "batched" in modes:
         result["batched"] = run(args, args.clients, questions)
@@ -156,8 +186,9 @@ def main() -> int:
         result["one_at_a_time"] = run(args, 1, questions)
         print(json.dumps({"one_at_a_time": result["one_at_a_time"]}), flush=True)
     if "batched" in result and "one_at_a_time" in result:
-        result["batched_vs_one_at_a_time"] = round(result["batched"]["tokens_per_s"] /
-                                                   result["one_at_a_time"]["tokens_per_s"], 2)
+        result["batched_vs_one_at_a_time"] = round(
+            result["batched"]["tokens_per_s"] / result["one_at_a_time"]["tokens_per_s"], 2
+        )
     (Path(args.out) / "serve_load.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0

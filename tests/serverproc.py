@@ -21,8 +21,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path | str, state_dir: Path, *extra: str, sink: int = 4, window: int = 60,
-                 threads: int = 1, name: str = "tiny"):
+    def __init__(
+        self,
+        model: Path | str,
+        state_dir: Path,
+        *extra: str,
+        sink: int = 4,
+        window: int = 60,
+        threads: int = 1,
+        name: str = "tiny",
+    ):
         self.model, self.state_dir, self.extra = model, state_dir, list(extra)
         self.sink, self.window, self.threads, self.name = sink, window, threads, name
         self.proc: subprocess.Popen | None = None
@@ -33,14 +41,35 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "sinkstream", "serve", "--model", str(self.model), "--port", str(self.port),
-               "--state-dir", str(self.state_dir), "--sink", str(self.sink), "--window", str(self.window),
-               "--threads", str(self.threads), "--log-level", "warning", "--served-model-name", self.name, *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sinkstream",
+            "serve",
+            "--model",
+            str(self.model),
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir),
+            "--sink",
+            str(self.sink),
+            "--window",
+            str(self.window),
+            "--threads",
+            str(self.threads),
+            "--log-level",
+            "warning",
+            "--served-model-name",
+            self.name,
+            *self.extra,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SINKSTREAM_API_KEY", None)
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env)
+        log = open(self.log, "a")  # noqa: SIM115 (the server writes it while it runs)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -70,13 +99,25 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
-                timeout: float = 120) -> tuple[int, dict | str]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict | None = None,
+        headers: dict | None = None,
+        timeout: float = 120,
+    ) -> tuple[int, dict | str]:
         return request(self.url, method, path, body, headers, timeout)
 
 
-def request(url: str, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
-            timeout: float = 120) -> tuple[int, dict | str]:
+def request(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | dict | None = None,
+    headers: dict | None = None,
+    timeout: float = 120,
+) -> tuple[int, dict | str]:
     """(status, JSON body or text) of one plain HTTP request."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     h = {"Content-Type": "application/json", **(headers or {})}
@@ -97,6 +138,6 @@ def sse_events(raw: str) -> list[dict | str]:
     out = []
     for line in raw.splitlines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import random_ids, tiny_model, tiny_tokenizer
 
+from helpers import random_ids, tiny_model, tiny_tokenizer
 from sinkstream import Engine
 from sinkstream.attention import register
 

@@ -1,12 +1,13 @@
 """SinkCache against references computed another way (tiny random models, fp32)."""
 
 import json
+
 import pytest
 import torch
-from helpers import random_ids, tiny_model
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from helpers import random_ids, tiny_model
 from sinkstream import SinkCache, UnsupportedModelError
 from sinkstream.engine import Engine
 
@@ -187,7 +188,7 @@ def test_bad_arguments_and_unsupported_family():
         SinkCache(4, 8)
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="absolute positions.*llama"):
+    with pytest.raises(UnsupportedModelError, match=r"absolute positions.*llama"):
         SinkCache(4, 8, config=GPT2Config())
     from helpers import tiny_config
 
@@ -256,8 +257,9 @@ def test_state_round_trip_continues_bitwise(family, tmp_path):
     ref = torch.stack([engine.step(t)[0] for t in ids[200:]])
     assert meta == json.loads((tmp_path / "c.json").read_text())  # a snapshot, not a view of live counters
     again = Engine(model, tiny_tokenizer(), n_sink=4, window=24)
-    again.cache = SinkCache.from_state(load_file(tmp_path / "c.safetensors"), json.loads((tmp_path / "c.json").read_text()),
-                                       config=model.config)
+    again.cache = SinkCache.from_state(
+        load_file(tmp_path / "c.safetensors"), json.loads((tmp_path / "c.json").read_text()), config=model.config
+    )
     got = torch.stack([again.step(t)[0] for t in ids[200:]])
     assert torch.equal(got, ref), (got - ref).abs().max()
     with pytest.raises(ValueError, match="snapshot"):
@@ -326,8 +328,13 @@ def test_engine_equals_a_naive_sink_cache_over_2000_steps(fam):
     ids = random_ids(2000, seed=3)[0].tolist()
     for t, tok in enumerate(ids):
         index = min(t, n_sink + window - 1)
-        want = slow(torch.tensor([[tok]]), past_key_values=ref, position_ids=torch.tensor([[index]]),
-                    cache_position=torch.tensor([index]), use_cache=True).logits[0, -1]
+        want = slow(
+            torch.tensor([[tok]]),
+            past_key_values=ref,
+            position_ids=torch.tensor([[index]]),
+            cache_position=torch.tensor([index]),
+            use_cache=True,
+        ).logits[0, -1]
         got = engine.step(tok)[0]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=f"step {t}")
     assert engine.stats.rebases > 10 and engine.tokens_cached == n_sink + window

@@ -91,20 +91,37 @@ def test_fused_decode_where_the_family_has_none(capsys, tmp_path):
     assert rc == 2 and "--decode fused: the fused step covers llama" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--weights", "int8")
     assert rc == 2 and "--weights int8 is not available for this model" in err
-    rc, out, _ = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--max-new-tokens", "3")
+    rc, _out, _ = run(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--max-new-tokens", "3")
     assert rc == 0  # auto: float32 weights and the transformers step
 
 
 def test_no_traceback_in_a_real_process():
-    proc = subprocess.run([sys.executable, "-m", "sinkstream", "generate", "--prompt", "x", "--window", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sinkstream", "generate", "--prompt", "x", "--window", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "sinkstream: error: --window must be > 0, got 0"
 
 
 def test_generate_streams_and_prints_json_last(capsys, tiny_dir):
-    rc, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--prompt", "hello world", "--sink", "2",
-                     "--window", "8", "--max-new-tokens", "40", "--json")
+    rc, out, _ = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "hello world",
+        "--sink",
+        "2",
+        "--window",
+        "8",
+        "--max-new-tokens",
+        "40",
+        "--json",
+    )
     assert rc == 0
     stats = json.loads(out.strip().splitlines()[-1])
     for key in ("tokens_generated", "tokens_seen", "max_cache_tokens", "tokens_per_s", "peak_rss_mb"):
@@ -113,8 +130,21 @@ def test_generate_streams_and_prints_json_last(capsys, tiny_dir):
 
 
 def test_chat_scripted_rounds(capsys, tiny_dir, prompts_file):
-    rc, out, _ = run(capsys, "chat", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--sink", "4",
-                     "--window", "24", "--max-new-tokens", "12", "--json")
+    rc, out, _ = run(
+        capsys,
+        "chat",
+        "--model",
+        str(tiny_dir),
+        "--prompts",
+        str(prompts_file),
+        "--sink",
+        "4",
+        "--window",
+        "24",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
     assert rc == 0
     assert out.count("### round") == 3
     stats = json.loads(out.strip().splitlines()[-1])
@@ -123,9 +153,26 @@ def test_chat_scripted_rounds(capsys, tiny_dir, prompts_file):
 
 def test_chat_repl(tiny_dir):
     script = "hello\n/stats\n/reset\nagain\n/quit\n"
-    proc = subprocess.run([sys.executable, "-m", "sinkstream", "chat", "--model", str(tiny_dir), "--window", "16",
-                           "--max-new-tokens", "5", "--json"], input=script, capture_output=True, text=True,
-                          timeout=120, env={"HOME": str(tiny_dir), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sinkstream",
+            "chat",
+            "--model",
+            str(tiny_dir),
+            "--window",
+            "16",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HOME": str(tiny_dir), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "[conversation reset]" in proc.stderr and '"turns": 1' in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 1
@@ -167,9 +214,31 @@ def test_eval_ppl_methods_files_and_bad_input(capsys, tiny_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 12)
     out = tmp_path / "ev"
-    rc, stdout, _ = run(capsys, "eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--tokens", "300",
-                        "--method", "streaming,dense,recompute", "--sink", "4", "--window", "28", "--stride", "10",
-                        "--chunk", "16", "--out", str(out), "--no-progress", "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "eval",
+        "ppl",
+        "--model",
+        str(tiny_dir),
+        "--text",
+        str(text),
+        "--tokens",
+        "300",
+        "--method",
+        "streaming,dense,recompute",
+        "--sink",
+        "4",
+        "--window",
+        "28",
+        "--stride",
+        "10",
+        "--chunk",
+        "16",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--json",
+    )
     assert rc == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert set(summary["methods"]) == {"streaming 4+28", "dense", "recompute 28"}
@@ -177,25 +246,57 @@ def test_eval_ppl_methods_files_and_bad_input(capsys, tiny_dir, tmp_path):
     assert summary["methods"]["streaming 4+28"]["exact_chunks"] is True
     for f in ("nll_streaming_4+28.npy", "nll_dense.npy", "nll_recompute_28.npy", "ppl.png", "summary.json"):
         assert (out / f).is_file()
-    rc, stdout, _ = run(capsys, "eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--tokens", "100",
-                        "--sink-prefix", "\\n\\n", "--window", "28", "--positions", "text", "--out", str(out),
-                        "--no-progress", "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "eval",
+        "ppl",
+        "--model",
+        str(tiny_dir),
+        "--text",
+        str(text),
+        "--tokens",
+        "100",
+        "--sink-prefix",
+        "\\n\\n",
+        "--window",
+        "28",
+        "--positions",
+        "text",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--json",
+    )
     info = json.loads(stdout.strip().splitlines()[-1])
     assert rc == 0 and info["methods"]["streaming 2+28 text-positions prefix-sinks"]["n_sink"] == 2
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe not utf-8")
-    for argv, message in [(["--text", str(bad)], "not valid UTF-8"), (["--text", "/no/file"], "does not exist"),
-                          (["--text", str(text), "--method", "magic"], "unknown --method"),
-                          (["--text", str(text), "--stride", "0"], "--stride must be >= 1"),
-                          (["--text", str(text), "--window", "0"], "--window must be > 0"),
-                          (["--corpus", "gutenberg", "--text", str(text)], "not allowed with")]:
+    for argv, message in [
+        (["--text", str(bad)], "not valid UTF-8"),
+        (["--text", "/no/file"], "does not exist"),
+        (["--text", str(text), "--method", "magic"], "unknown --method"),
+        (["--text", str(text), "--stride", "0"], "--stride must be >= 1"),
+        (["--text", str(text), "--window", "0"], "--window must be > 0"),
+        (["--corpus", "gutenberg", "--text", str(text)], "not allowed with"),
+    ]:
         rc, stdout, err = run(capsys, "eval", "ppl", "--model", str(tiny_dir), *argv)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
 def test_attn_maps_and_first_token_mass(capsys, tiny_dir, tmp_path):
-    rc, stdout, _ = run(capsys, "attn", "--model", str(tiny_dir), "--prompt", "attention sinks, seen " * 4,
-                        "--tokens", "40", "--out", str(tmp_path / "a"), "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "attn",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "attention sinks, seen " * 4,
+        "--tokens",
+        "40",
+        "--out",
+        str(tmp_path / "a"),
+        "--json",
+    )
     assert rc == 0
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["tokens"] == 40 and len(s["first_token_mass"]) == 2 and all(0 <= m <= 1 for m in s["first_token_mass"])
@@ -208,9 +309,29 @@ def test_attn_maps_and_first_token_mass(capsys, tiny_dir, tmp_path):
 def test_eval_sweep_table(capsys, tiny_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("a sink sweep over a short text, again and again. " * 10)
-    rc, stdout, _ = run(capsys, "eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--tokens", "200",
-                        "--sinks", "0,1,4", "--caches", "16,32", "--stride", "20", "--chunk", "16",
-                        "--out", str(tmp_path / "s"), "--no-progress", "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "eval",
+        "sweep",
+        "--model",
+        str(tiny_dir),
+        "--text",
+        str(text),
+        "--tokens",
+        "200",
+        "--sinks",
+        "0,1,4",
+        "--caches",
+        "16,32",
+        "--stride",
+        "20",
+        "--chunk",
+        "16",
+        "--out",
+        str(tmp_path / "s"),
+        "--no-progress",
+        "--json",
+    )
     assert rc == 0
     s = json.loads(stdout.strip().splitlines()[-1])
     assert len([r for r in s["rows"] if r["sinks"] is not None]) == 6
@@ -221,8 +342,25 @@ def test_eval_sweep_table(capsys, tiny_dir, tmp_path):
 
 
 def test_eval_streameval_records(capsys, tiny_dir, tmp_path):
-    rc, stdout, _ = run(capsys, "eval", "streameval", "--model", str(tiny_dir), "--lines", "30", "--back", "2-15",
-                        "--sink", "4", "--window", "200", "--out", str(tmp_path / "se"), "--no-progress", "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "eval",
+        "streameval",
+        "--model",
+        str(tiny_dir),
+        "--lines",
+        "30",
+        "--back",
+        "2-15",
+        "--sink",
+        "4",
+        "--window",
+        "200",
+        "--out",
+        str(tmp_path / "se"),
+        "--no-progress",
+        "--json",
+    )
     assert rc == 0
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["questions"] == 3 and s["within_cache"]["questions"] + s["beyond_cache"]["questions"] == 3
@@ -245,11 +383,32 @@ def test_eval_chat_streaming_and_dense_baseline(capsys, tiny_dir, tmp_path, monk
     monkeypatch.setenv("SINKSTREAM_CACHE", str(tmp_path / "cache"))  # MT-Bench from the cache, no fetch
     data = tmp_path / "cache" / "data" / "mt-bench" / "mt-en.jsonl"
     data.parent.mkdir(parents=True)
-    data.write_text("\n".join(json.dumps({"question_id": i, "category": "x", "turns": [f"question {i}?", "more?"]})
-                              for i in range(3)))
-    rc, stdout, _ = run(capsys, "eval", "chat", "--model", str(tiny_dir), "--questions", "3", "--max-new-tokens",
-                        "20", "--sink", "4", "--window", "60", "--max-rss-mb", "1", "--out", str(tmp_path / "c"),
-                        "--no-progress", "--json")
+    data.write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "category": "x", "turns": [f"question {i}?", "more?"]}) for i in range(3)
+        )
+    )
+    rc, stdout, _ = run(
+        capsys,
+        "eval",
+        "chat",
+        "--model",
+        str(tiny_dir),
+        "--questions",
+        "3",
+        "--max-new-tokens",
+        "20",
+        "--sink",
+        "4",
+        "--window",
+        "60",
+        "--max-rss-mb",
+        "1",
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--json",
+    )
     assert rc == 0
     s = json.loads(stdout.strip().splitlines()[-1])
     stream = s["runs"]["streaming 4+60"]
@@ -259,12 +418,15 @@ def test_eval_chat_streaming_and_dense_baseline(capsys, tiny_dir, tmp_path, monk
     assert len(answers) == 6 and (tmp_path / "c" / "chat.png").is_file()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--tokens", "0"], "--tokens must be >= 2"),
-    (["--sink", "40", "--window", "8"], "must be <= --window"),
-    (["--method", "streaming,nope"], "unknown --method"),
-    (["--book", "x"], "--book needs --corpus"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tokens", "0"], "--tokens must be >= 2"),
+        (["--sink", "40", "--window", "8"], "must be <= --window"),
+        (["--method", "streaming,nope"], "unknown --method"),
+        (["--book", "x"], "--book needs --corpus"),
+    ],
+)
 def test_eval_ppl_bad_input(capsys, tmp_path, argv, message):
     text = tmp_path / "t.txt"
     text.write_text("some text")
@@ -276,10 +438,35 @@ def test_bench_decode_reports_every_figure(capsys, tiny_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 120)
     out = tmp_path / "bd"
-    rc, stdout, _ = run(capsys, "bench", "decode", "--model", str(tiny_dir), "--text", str(text), "--tokens", "1500",
-                        "--measure", "4", "--sink", "4", "--window", "60", "--compare", "recompute,dense",
-                        "--recompute-caches", "16,32", "--reps", "1", "--dense-tokens", "1200", "--out", str(out),
-                        "--no-progress", "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "bench",
+        "decode",
+        "--model",
+        str(tiny_dir),
+        "--text",
+        str(text),
+        "--tokens",
+        "1500",
+        "--measure",
+        "4",
+        "--sink",
+        "4",
+        "--window",
+        "60",
+        "--compare",
+        "recompute,dense",
+        "--recompute-caches",
+        "16,32",
+        "--reps",
+        "1",
+        "--dense-tokens",
+        "1200",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--json",
+    )
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
     assert list(result["latency_ms"]) == ["1000", "1500"] and list(result["rss_mb"]) == ["1000", "1500"]
@@ -292,12 +479,15 @@ def test_bench_decode_reports_every_figure(capsys, tiny_dir, tmp_path):
     assert (out / "decode.png").is_file() and (out / "decode.json").is_file()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--compare", "fast"], "unknown --compare"),
-    (["--tokens", "10", "--measure", "20"], "--tokens must be >"),
-    (["--recompute-caches", "1,x"], "--recompute-caches"),
-    (["--measure", "0"], "--measure must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--compare", "fast"], "unknown --compare"),
+        (["--tokens", "10", "--measure", "20"], "--tokens must be >"),
+        (["--recompute-caches", "1,x"], "--recompute-caches"),
+        (["--measure", "0"], "--measure must be >= 1"),
+    ],
+)
 def test_bench_decode_bad_input(capsys, argv, message):
     rc, out, err = run(capsys, "bench", "decode", *argv)
     assert rc == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
@@ -306,7 +496,23 @@ def test_bench_decode_bad_input(capsys, argv, message):
 def test_eval_ppl_bos_first(capsys, tiny_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 4)
-    rc, stdout, _ = run(capsys, "eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--tokens", "50",
-                        "--bos", "--window", "28", "--out", str(tmp_path / "o"), "--no-progress", "--json")
+    rc, stdout, _ = run(
+        capsys,
+        "eval",
+        "ppl",
+        "--model",
+        str(tiny_dir),
+        "--text",
+        str(text),
+        "--tokens",
+        "50",
+        "--bos",
+        "--window",
+        "28",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        "--json",
+    )
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert rc == 0 and summary["text"].endswith("(BOS first)") and summary["tokens"] == 51

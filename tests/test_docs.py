@@ -16,8 +16,13 @@ def test_docs_site_builds_strict(tmp_path):
     if not mkdocs.exists():
         pytest.skip("mkdocs is not installed (pip install -e '.[test]')")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    run = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for page in (ROOT / "docs").glob("*.md"):
         name = "index.html" if page.stem == "index" else f"{page.stem}/index.html"

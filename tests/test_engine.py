@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import torch
-from helpers import tiny_model, tiny_tokenizer
 
+from helpers import tiny_model, tiny_tokenizer
 from sinkstream import ChatSession, Engine, SamplingParams
 from sinkstream.engine import Detokenizer
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 import uvicorn
+
 from helpers import tiny_model, tiny_tokenizer
 from serverproc import free_port, request, sse_events
-
 from sinkstream.server.app import ServerConfig, create_app
 
 
@@ -24,8 +24,11 @@ class Injected(RuntimeError):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    app = create_app(tiny_model("llama", layers=2), tiny_tokenizer(),
-                     ServerConfig(model_name="tiny", n_sink=4, window=60, state_dir=tmp_path_factory.mktemp("faults")))
+    app = create_app(
+        tiny_model("llama", layers=2),
+        tiny_tokenizer(),
+        ServerConfig(model_name="tiny", n_sink=4, window=60, state_dir=tmp_path_factory.mktemp("faults")),
+    )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -40,8 +43,14 @@ def live(tmp_path_factory):
 
 
 def _turn(app, sid: str, text: str, stream: bool = False):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "session_id": sid,
-            "max_tokens": 12, "temperature": 0, "stream": stream}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": text}],
+        "session_id": sid,
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": stream,
+    }
     return request(app.state.url, "POST", "/v1/chat/completions", body)
 
 
@@ -63,7 +72,8 @@ def _answer(status, body, stream: bool) -> str | None:
     return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
 
 
-def _fail_once(target, name: str, monkeypatch, exc=Injected("injected failure")):
+def _fail_once(target, name: str, monkeypatch, exc: Exception | None = None):
+    exc = exc or Injected("injected failure")
     real, fired = getattr(target, name), []
 
     def failing(*args, **kwargs):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_ids, tiny_model, tiny_tokenizer
 
+from helpers import random_ids, tiny_model, tiny_tokenizer
 from sinkstream import Engine, SamplingParams, SinkCache, native
 from sinkstream.attention import register
 from sinkstream.cache import SinkCache as Cache
@@ -37,7 +37,7 @@ def test_fused_step_equals_transformers_over_2000_steps(family, n_sink):
     runs = [(FusedDecoder(_model(family), backend), Cache(n_sink, WINDOW, config=ref.config)) for backend in BACKENDS]
     ref_cache = Cache(n_sink, WINDOW, config=ref.config)
     ids = random_ids(2000, seed=3)[0]
-    worst = {b: 0.0 for b in BACKENDS}
+    worst = dict.fromkeys(BACKENDS, 0.0)
     rebases = 0
     with torch.no_grad():
         for t in range(2000):
@@ -68,7 +68,7 @@ def test_batch_of_rows_of_different_lengths_equals_each_alone(backend):
         caches.append(cache)
     batch = Cache.stack(caches)
     steps = random_ids(60, seed=9)[0]
-    for c, cache in enumerate(caches):
+    for cache in caches:
         row = []
         for t in range(60):
             row.append(forward_stream(model, cache, steps[t : t + 1][None], fused=fused)[0][0])

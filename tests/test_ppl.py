@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from helpers import random_ids, tiny_model
 
+from helpers import random_ids, tiny_model
 from sinkstream import Engine
 from sinkstream.eval.exact import exact_stream_logits, supports_exact
 from sinkstream.eval.ppl import streaming_nll

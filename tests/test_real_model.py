@@ -20,7 +20,7 @@ def test_400_greedy_tokens_through_4_plus_60(smollm):
     engine = Engine(model, tok, n_sink=4, window=60)
     engine.eos_ids = set()  # stream all 400 tokens
     prompt = tok("The history of the printing press begins").input_ids
-    toks = [t for t in engine.generate(prompt, SamplingParams(max_new_tokens=400))]
+    toks = list(engine.generate(prompt, SamplingParams(max_new_tokens=400)))
     ids = [t.id for t in toks if t.id >= 0]
     assert len(ids) == 400
     assert engine.tokens_seen == len(prompt) + 399
@@ -31,7 +31,7 @@ def test_400_greedy_tokens_through_4_plus_60(smollm):
     # until the first eviction, streaming is exactly dense greedy decoding
     model.generation_config.eos_token_id = None
     first = 64 - len(prompt)  # tokens generated before the first eviction
-    dense = model.generate(torch.tensor([prompt]), max_new_tokens=first, do_sample=False)[0, len(prompt):]
+    dense = model.generate(torch.tensor([prompt]), max_new_tokens=first, do_sample=False)[0, len(prompt) :]
     assert ids[:first] == dense.tolist()
     cache = SinkCache(4, 60, config=model.config)
     out = model.generate(torch.tensor([prompt]), past_key_values=cache, max_new_tokens=100, do_sample=False)
@@ -74,13 +74,16 @@ def test_known_model_streams_and_batches(name):
         pytest.skip(f"{name} is not installed (make models)")
     torch.set_num_threads(2)
     model, tok = load_model(name)
+    from sinkstream.positions import rope_for
     from test_cache import model_inv_freq
 
-    from sinkstream.positions import rope_for
-
     for layer_type in set(getattr(model.config, "layer_types", None) or ["full_attention"]):
-        torch.testing.assert_close(rope_for(model.config, layer_type).inv_freq.float(),
-                                   model_inv_freq(model, layer_type).float(), atol=0, rtol=1e-6)
+        torch.testing.assert_close(
+            rope_for(model.config, layer_type).inv_freq.float(),
+            model_inv_freq(model, layer_type).float(),
+            atol=0,
+            rtol=1e-6,
+        )
     engine = Engine(model, tok, n_sink=4, window=60)
     engine.eos_ids = set()
     prompts = [tok("The history of the printing press begins").input_ids, tok("Once upon a time").input_ids]

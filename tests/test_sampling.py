@@ -29,10 +29,21 @@ def test_probabilities_match_the_textbook_formula():
     assert torch.allclose(got, (logits.double() / 0.7).softmax(-1).float(), atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(top_p=0), dict(top_p=1.5), dict(top_p=math.nan), dict(temperature=-1), dict(temperature=math.inf),
-    dict(temperature=math.nan), dict(max_new_tokens=-1), dict(top_k=-1), dict(seed=2**64), dict(seed=-(2**63) - 1),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_p=math.nan),
+        dict(temperature=-1),
+        dict(temperature=math.inf),
+        dict(temperature=math.nan),
+        dict(max_new_tokens=-1),
+        dict(top_k=-1),
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+    ],
+)
 def test_params_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import tiny_model, tiny_tokenizer
 from serverproc import Server
-
 from sinkstream.cli import main
 from sinkstream.models import export_model
 
@@ -54,8 +54,9 @@ def test_openai_client(server):
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
 
     pieces, usage, finish = [], None, None
-    for chunk in c.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}):
+    for chunk in c.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+    ):
         usage = chunk.usage or usage
         for choice in chunk.choices:
             pieces.append(choice.delta.content or "")
@@ -64,23 +65,32 @@ def test_openai_client(server):
     assert finish == full.choices[0].finish_reason and usage.model_dump() == full.usage.model_dump()
 
     # seeded sampling repeats; stop strings cut
-    a, b = (chat(c, None, "Tell me", max_tokens=30, temperature=1.0, seed=5).choices[0].message.content
-            for _ in range(2))
+    a, b = (
+        chat(c, None, "Tell me", max_tokens=30, temperature=1.0, seed=5).choices[0].message.content for _ in range(2)
+    )
     assert a == b
     if len(a) > 3:
         cut = chat(c, None, "Tell me", max_tokens=30, temperature=1.0, seed=5, stop=[a[2:4]])
         assert cut.choices[0].message.content == a[: a.find(a[2:4])] and cut.choices[0].finish_reason == "stop"
 
     comp = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
-        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True) if ch.choices)
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+        )
+        if ch.choices
+    )
     assert streamed == comp.choices[0].text and comp.usage.prompt_tokens == len("Once upon a time")
     two = c.completions.create(model="tiny", prompt=["Once upon a time", "xyz"], max_tokens=12, temperature=0)
-    assert [ch.index for ch in two.choices] == [0, 1] and two.choices[0].text == comp.choices[0].text  # batched == alone
+    assert [ch.index for ch in two.choices] == [0, 1] and two.choices[0].text == comp.choices[
+        0
+    ].text  # batched == alone
 
     # no session, a history 10x the cache: streamed through it in chunks, never a context-length error
-    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"line {i} " + "words " * 8}
-               for i in range(40)] + [{"role": "user", "content": "and now?"}]
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"line {i} " + "words " * 8} for i in range(40)
+    ] + [{"role": "user", "content": "and now?"}]
     long = c.chat.completions.create(model="tiny", messages=history, max_tokens=8)
     assert long.usage.prompt_tokens > 10 * CAPACITY and long.choices[0].message.content
 
@@ -150,9 +160,10 @@ def test_kill9_rolls_back_interrupted_turn(model_dir, tmp_path):
     expected = _turn(c, "kref", "after the crash")
     before = srv.request("GET", "/v1/sessions/k/messages")[1]["data"]
     chunks = 0
-    stream = chat(c, "k", "a long answer, please", max_tokens=5000, temperature=1.0, seed=1, stream=True,
-                  logit_bias={"2": -100})
-    for chunk in stream:
+    stream = chat(
+        c, "k", "a long answer, please", max_tokens=5000, temperature=1.0, seed=1, stream=True, logit_bias={"2": -100}
+    )
+    for _chunk in stream:
         chunks += 1
         if chunks == 30:
             srv.kill()  # mid-answer: no shutdown of any kind
@@ -172,8 +183,16 @@ def test_kill9_rolls_back_interrupted_turn(model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def guarded(model_dir, tmp_path_factory):
-    srv = Server(model_dir, tmp_path_factory.mktemp("guarded") / "s", "--api-key", "s3cret", "--max-body-mb", "0.01",
-                 "--max-completion-tokens", "1000").start()
+    srv = Server(
+        model_dir,
+        tmp_path_factory.mktemp("guarded") / "s",
+        "--api-key",
+        "s3cret",
+        "--max-body-mb",
+        "0.01",
+        "--max-completion-tokens",
+        "1000",
+    ).start()
     yield srv
     srv.stop()
 
@@ -182,23 +201,26 @@ AUTH = {"Authorization": "Bearer s3cret"}
 GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    (b'{"messages": [', 400, "JSON"),
-    ({"messages": "hi"}, 400, "messages"),
-    ({**GOOD, "temperature": "hot"}, 400, "temperature"),
-    ({**GOOD, "model": "no-such-model"}, 404, "not served"),
-    ({**GOOD, "messages": []}, 400, "messages"),
-    ({**GOOD, "messages": [{"role": "user", "content": "  "}]}, 400, "empty"),
-    ({**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
-    ({**GOOD, "max_tokens": -3}, 400, "max_tokens"),
-    ({**GOOD, "max_tokens": 5000}, 400, "max-completion-tokens"),
-    ({**GOOD, "n": 2}, 400, "n"),
-    ({**GOOD, "session_id": "bad id!"}, 400, "session_id"),
-    ({**GOOD, "logit_bias": {"100000": 5}}, 400, "vocabulary"),
-    ({**GOOD, "logit_bias": {"5": 500}}, 400, "logit_bias"),
-    ({**GOOD, "messages": [{"role": "user", "content": "x" * 20000}]}, 413, "larger than"),
-    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b'{"messages": [', 400, "JSON"),
+        ({"messages": "hi"}, 400, "messages"),
+        ({**GOOD, "temperature": "hot"}, 400, "temperature"),
+        ({**GOOD, "model": "no-such-model"}, 404, "not served"),
+        ({**GOOD, "messages": []}, 400, "messages"),
+        ({**GOOD, "messages": [{"role": "user", "content": "  "}]}, 400, "empty"),
+        ({**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({**GOOD, "max_tokens": -3}, 400, "max_tokens"),
+        ({**GOOD, "max_tokens": 5000}, 400, "max-completion-tokens"),
+        ({**GOOD, "n": 2}, 400, "n"),
+        ({**GOOD, "session_id": "bad id!"}, 400, "session_id"),
+        ({**GOOD, "logit_bias": {"100000": 5}}, 400, "vocabulary"),
+        ({**GOOD, "logit_bias": {"5": 500}}, 400, "logit_bias"),
+        ({**GOOD, "messages": [{"role": "user", "content": "x" * 20000}]}, 413, "larger than"),
+        (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "UTF-8"),
+    ],
+)
 def test_bad_input(guarded, body, status, needle):
     got, err = guarded.request("POST", "/v1/chat/completions", body, AUTH)
     assert got == status, err
@@ -210,8 +232,12 @@ def test_auth_and_unknown_session(guarded):
     assert guarded.request("GET", "/health")[0] == 200  # open
     assert guarded.request("GET", "/")[0] == 200  # the static page (its API calls carry the key)
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}):
-        for method, path, body in (("POST", "/v1/chat/completions", GOOD), ("GET", "/v1/models", None),
-                                   ("GET", "/metrics", None), ("GET", "/v1/sessions/x", None)):
+        for method, path, body in (
+            ("POST", "/v1/chat/completions", GOOD),
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+            ("GET", "/v1/sessions/x", None),
+        ):
             status, err = guarded.request(method, path, body, headers)
             assert status == 401 and err["error"]["type"] == "authentication_error", (path, headers)
     with pytest.raises(openai.AuthenticationError):
@@ -225,8 +251,13 @@ def test_auth_and_unknown_session(guarded):
 
 def test_chunked_oversized_body(guarded):
     conn = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body=iter([b'{"messages": "' + b"y" * 4096] * 4 + [b'"}']),
-                 headers={**AUTH, "Content-Type": "application/json"}, encode_chunked=True)
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=iter([b'{"messages": "' + b"y" * 4096] * 4 + [b'"}']),
+        headers={**AUTH, "Content-Type": "application/json"},
+        encode_chunked=True,
+    )
     r = conn.getresponse()
     assert r.status == 413 and "larger than" in json.loads(r.read())["error"]["message"]
 
@@ -236,9 +267,18 @@ NO_EOS = {"2": -100}  # the tiny tokenizer's </s>: long answers stay long
 
 def _open_stream(srv: Server, sid: str, max_tokens: int = 1000) -> tuple[http.client.HTTPConnection, object]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
-    body = {"messages": [{"role": "user", "content": "go on"}], "session_id": sid, "stream": True,
-            "max_tokens": max_tokens, "temperature": 1.0, "seed": 2, "logit_bias": NO_EOS}
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={**AUTH, "Content-Type": "application/json"})
+    body = {
+        "messages": [{"role": "user", "content": "go on"}],
+        "session_id": sid,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": 2,
+        "logit_bias": NO_EOS,
+    }
+    conn.request(
+        "POST", "/v1/chat/completions", body=json.dumps(body), headers={**AUTH, "Content-Type": "application/json"}
+    )
     r = conn.getresponse()
     assert r.status == 200
     for _ in range(10):
@@ -275,18 +315,28 @@ def test_disconnect_and_busy_session(guarded):
 
 
 EXTREME_BUT_VALID = [  # answered: a tiny temperature or top_p is greedy-like, not NaN
-    {"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 2.0, "top_p": 1e-46},
-    {"temperature": 1e-45, "top_p": 1e-45}, {"seed": 2**64 - 1}, {"seed": -(2**63)},
+    {"temperature": 1e-300},
+    {"top_p": 1e-300},
+    {"temperature": 2.0, "top_p": 1e-46},
+    {"temperature": 1e-45, "top_p": 1e-45},
+    {"seed": 2**64 - 1},
+    {"seed": -(2**63)},
 ]
 REFUSED = [  # (fields, or raw JSON of the fields, and the word the 400 names)
-    ({"seed": 2**70}, "seed"), ({"seed": -(2**64)}, "seed"),
-    ({"logit_bias": {"1" * 5000: 1}}, "logit_bias"), ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
-    ({"logit_bias": {"-5": 1}}, "logit_bias"), ({"logit_bias": {"5": 1e300}}, "logit_bias"),
-    ('"temperature": NaN', "temperature"), ('"top_p": Infinity', "top_p"), ('"temperature": 1e400', "temperature"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": -(2**64)}, "seed"),
+    ({"logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ({"logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 1e300}}, "logit_bias"),
+    ('"temperature": NaN', "temperature"),
+    ('"top_p": Infinity', "top_p"),
+    ('"temperature": 1e400', "temperature"),
     ('"logit_bias": {"5": -Infinity}', "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_tokens": 10**30}, "max_tokens"),
-    ({"n": 10**30}, "n"), ({"temperature": -1e-300}, "temperature"),
+    ({"n": 10**30}, "n"),
+    ({"temperature": -1e-300}, "temperature"),
 ]
 
 
@@ -321,15 +371,17 @@ def test_bad_requests_never_hurt_other_streams(guarded):
     for fields in EXTREME_BUT_VALID:
         status, body = guarded.request("POST", "/v1/chat/completions", _body(fields, chat_base), AUTH)
         assert status == 200 and body["choices"][0]["finish_reason"], (fields, body)
-        status, body = guarded.request("POST", "/v1/completions",
-                                       _body(fields, {"prompt": "abc", "max_tokens": 4}), AUTH)
+        status, body = guarded.request(
+            "POST", "/v1/completions", _body(fields, {"prompt": "abc", "max_tokens": 4}), AUTH
+        )
         assert status == 200 and body["choices"][0]["finish_reason"], (fields, body)
     for fields, needle in REFUSED:
         for path, base in (("/v1/chat/completions", chat_base), ("/v1/completions", {"prompt": "abc"})):
             status, err = guarded.request("POST", path, _body(fields, base), AUTH)
             assert status == 400 and needle in err["error"]["message"], (path, fields, err)
-    status, err = guarded.request("POST", "/v1/chat/completions", {**chat_base, "logprobs": True, "top_logprobs": 10**30},
-                                  AUTH)
+    status, err = guarded.request(
+        "POST", "/v1/chat/completions", {**chat_base, "logprobs": True, "top_logprobs": 10**30}, AUTH
+    )
     assert status == 400 and "top_logprobs" in err["error"]["message"]
     status, err = guarded.request("POST", "/v1/completions", {"prompt": ["abc"] * 65}, AUTH)
     assert status == 400 and "prompts" in err["error"]["message"]
@@ -362,8 +414,11 @@ def test_concurrent_sessions_batch(server):
 
 
 def test_serve_cli_errors(capsys):
-    for argv, msg in ((["--port", "70000"], "--port"), (["--max-sessions", "-1"], "--max-sessions"),
-                      (["--max-batch", "0"], "--max-batch")):
+    for argv, msg in (
+        (["--port", "70000"], "--port"),
+        (["--max-sessions", "-1"], "--max-sessions"),
+        (["--max-batch", "0"], "--max-batch"),
+    ):
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
@@ -374,8 +429,10 @@ def test_web_page(server):
         pytest.skip("chromium is not installed (make test installs the Debian package)")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         try:
             page = browser.new_page()
             page.goto(server.url + "/")

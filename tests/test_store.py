@@ -2,10 +2,11 @@
 database commit leaves the session at its previous turn, and idle sessions beyond the limit wait on disk."""
 
 import torch
-from helpers import tiny_model, tiny_tokenizer
 
+from helpers import tiny_model, tiny_tokenizer
 from sinkstream.cache import SinkCache
 from sinkstream.engine import SamplingParams
+from sinkstream.server.events import DoneEvent
 from sinkstream.server.store import SessionStore
 from sinkstream.server.worker import Job, Worker
 
@@ -21,8 +22,10 @@ def _turn(store, worker, sid, text, tok):
     session.mark()
     ids = conv.begin(tok, text)
     session.mark()
-    job = worker.submit(Job(ids, SamplingParams(max_new_tokens=12), session.cache or SinkCache(4, 24, config=store.config)))
-    while job.events.get(timeout=60)[0] != "done":
+    job = worker.submit(
+        Job(ids, SamplingParams(max_new_tokens=12), session.cache or SinkCache(4, 24, config=store.config))
+    )
+    while not isinstance(job.events.get(timeout=60), DoneEvent):
         pass
     conv.finish(tok, job.generated, last_unfed=job.last_unfed)
     store.commit(session, job.cache, before)

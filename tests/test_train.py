@@ -16,14 +16,30 @@ from sinkstream.eval.exact import exact_stream_logits
 from sinkstream.models import load_model
 from sinkstream.train import SINK_MODES, TrainConfig, build_model, train, train_tokenizer
 
-TINY = dict(layers=2, hidden=32, heads=2, ffn=64, seq=32, vocab=300, batch=8, steps=60, warmup=5, lr=3e-3,
-            eval_every=30, save_every=30)
+TINY = dict(
+    layers=2,
+    hidden=32,
+    heads=2,
+    ffn=64,
+    seq=32,
+    vocab=300,
+    batch=8,
+    steps=60,
+    warmup=5,
+    lr=3e-3,
+    eval_every=30,
+    save_every=30,
+)
 
 
 def _text(seed: int, n: int = 3000) -> str:
     """Sentences from a tiny grammar: learnable structure, so the loss must fall."""
     rng = np.random.default_rng(seed)
-    subj, verb, obj = ["the cat", "a dog", "my friend", "the old man"], ["saw", "liked", "found"], ["a hat", "the sea", "bread"]
+    subj, verb, obj = (
+        ["the cat", "a dog", "my friend", "the old man"],
+        ["saw", "liked", "found"],
+        ["a hat", "the sea", "bread"],
+    )
     return " ".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n))
 
 
@@ -32,8 +48,10 @@ def trained(tmp_path_factory, monkeypatch_module):
     out, runs = {}, tmp_path_factory.mktemp("runs")
     for mode in SINK_MODES:
         folder = runs / mode
-        out[mode] = (train(TrainConfig(sink_mode=mode, **TINY), _text(0), _text(1, 400), folder, progress=False),
-                     folder)
+        out[mode] = (
+            train(TrainConfig(sink_mode=mode, **TINY), _text(0), _text(1, 400), folder, progress=False),
+            folder,
+        )
     return out
 
 
@@ -57,7 +75,7 @@ def test_training_lowers_the_loss(trained, mode):
     assert len(sink) == 2 and all(len(r["sink_head_mass"]) == len(r["first_token_mass"]) == 2 for r in sink)
     assert all(0 < m <= 1 for r in sink for m in r["sink_head_mass"] + r["first_token_mass"])
     assert (folder / "final" / "config.json").is_file() and (folder / "loss.png").is_file()
-    model, tok = load_model(str(folder / "final"))
+    model, _tok = load_model(str(folder / "final"))
     assert model.config.sinkstream_sink_mode == mode
     assert model.config._attn_implementation == ("sinkstream_zero" if mode == "zero" else "sinkstream")
 
@@ -122,16 +140,18 @@ def test_learnable_sink_is_kept_as_the_sink(trained):
     alone = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([[tok.bos_token_id]]), past_key_values=alone, use_cache=True)
     for i, layer in enumerate(engine.cache.layers):
-        k, v, pos = layer.contents()
+        _k, v, pos = layer.contents()
         # the first cache entry is still the sink token's, 276 evictions later (values carry no position)
         torch.testing.assert_close(v[:, :, 0], alone.layers[i].values[:, :, 0], atol=1e-5, rtol=0)
         assert pos[1] - pos[0] == 1  # in-cache positions: the sink right before the window
 
 
 def test_train_cli_errors(capsys):
-    for argv, msg in ((["--sink-mode", "odd", "--out", "x"], "--sink-mode"),
-                      (["--sink-mode", "zero", "--out", "x", "--hidden", "30", "--heads", "4"], "heads"),
-                      (["--sink-mode", "zero", "--out", "x", "--text", "a.txt"], "--eval-text")):
+    for argv, msg in (
+        (["--sink-mode", "odd", "--out", "x"], "--sink-mode"),
+        (["--sink-mode", "zero", "--out", "x", "--hidden", "30", "--heads", "4"], "heads"),
+        (["--sink-mode", "zero", "--out", "x", "--text", "a.txt"], "--eval-text"),
+    ):
         assert main(["train", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
@@ -142,8 +162,27 @@ def test_sinkgrid(trained, tmp_path, capsys):
     held_out = tmp_path / "held.txt"
     held_out.write_text(_text(4, 200))
     runs = trained["vanilla"][1].parent
-    assert main(["eval", "sinkgrid", "--runs", str(runs), "--text", str(held_out), "--tokens", "300", "--stride", "10",
-                 "--out", str(tmp_path / "grid"), "--json", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "sinkgrid",
+                "--runs",
+                str(runs),
+                "--text",
+                str(held_out),
+                "--tokens",
+                "300",
+                "--stride",
+                "10",
+                "--out",
+                str(tmp_path / "grid"),
+                "--json",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = summary["rows"]
     assert summary["cache"] == 32 and list(rows) == ["vanilla", "zero", "learnable"]
@@ -161,7 +200,22 @@ def test_sinkgrid(trained, tmp_path, capsys):
     assert main(["eval", "sinkgrid", "--runs", str(tmp_path)]) == 2  # no runs there: one line, exit 2
     capsys.readouterr()
     for mode in ("learnable", "zero"):  # `sinkstream attn` on a trained model: its own sink first, its own softmax
-        assert main(["attn", "--model", str(runs / mode / "final"), "--text", str(held_out), "--tokens", "20",
-                     "--out", str(tmp_path / f"attn-{mode}"), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "attn",
+                    "--model",
+                    str(runs / mode / "final"),
+                    "--text",
+                    str(held_out),
+                    "--tokens",
+                    "20",
+                    "--out",
+                    str(tmp_path / f"attn-{mode}"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         attn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert (attn["first_token"] == "<|sink|>") == (mode == "learnable")

@@ -2,22 +2,23 @@
 give each what it would get alone, and leave with caches that continue exactly."""
 
 import torch
-from helpers import random_ids, tiny_model, tiny_tokenizer
 
+from helpers import random_ids, tiny_model, tiny_tokenizer
 from sinkstream import Engine, SamplingParams, SinkCache
+from sinkstream.server.events import DoneEvent, ErrorEvent, TokenEvent
 from sinkstream.server.worker import Job, Worker
 
 
 def _drain(job):
     tokens, reason = [], None
     while reason is None:
-        kind, *rest = job.events.get(timeout=60)
-        if kind == "token" and rest[0] >= 0:
-            tokens.append(rest[0])
-        elif kind == "done":
-            reason = rest[0]
-        elif kind == "error":
-            raise AssertionError(rest[0])
+        event = job.events.get(timeout=60)
+        if isinstance(event, TokenEvent) and event.id >= 0:
+            tokens.append(event.id)
+        elif isinstance(event, DoneEvent):
+            reason = event.reason
+        elif isinstance(event, ErrorEvent):
+            raise AssertionError(event.message)
     return tokens, reason
 
 
@@ -25,8 +26,9 @@ def _drain(job):
 def test_batched_jobs_equal_alone():
     model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
     prompts = [random_ids(n, seed=i)[0].tolist() for i, n in enumerate([5, 70, 33, 120])]
-    params = [SamplingParams(max_new_tokens=m, temperature=t, seed=7) for m, t in
-              [(40, 0.0), (25, 0.9), (60, 0.0), (10, 1.0)]]
+    params = [
+        SamplingParams(max_new_tokens=m, temperature=t, seed=7) for m, t in [(40, 0.0), (25, 0.9), (60, 0.0), (10, 1.0)]
+    ]
     alone = []
     for ids, p in zip(prompts, params):
         engine = Engine(model, tok, n_sink=4, window=24, prefill_chunk=8)
@@ -64,8 +66,8 @@ def test_a_failing_row_fails_alone():
         for job in jobs:
             worker.submit(job)
         jobs[1].bias[7] = float("nan")  # this row's numerics break after its first sampled token at the latest
-        kind, *rest = _events_until_end(jobs[1])
-        assert kind == "error" and "NaN" in rest[0]
+        event = _events_until_end(jobs[1])
+        assert isinstance(event, ErrorEvent) and "NaN" in event.message
         for job, ref in zip((jobs[0], jobs[2]), (alone[0], alone[2])):
             assert _drain(job)[0] == ref
         again = worker.submit(Job(prompts[0], params, SinkCache(4, 24, config=model.config)))
@@ -77,5 +79,5 @@ def test_a_failing_row_fails_alone():
 def _events_until_end(job):
     while True:
         event = job.events.get(timeout=60)
-        if event[0] in ("done", "error"):
+        if not isinstance(event, TokenEvent):
             return event

@@ -19,6 +19,7 @@ import torch
 
 STEADY = (2000, 3000)
 
+
 def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--ids", required=True, help="JSON list of token ids (from prepare.py)")
@@ -48,14 +49,24 @@ def stream(step, ids, desc: str = "") -> tuple:
         nll.append(-float(lp[ids[i + 1]]))
         if (i + 1) % 1000 == 0:
             rate = (i + 1) / (time.perf_counter() - t_start)
-            print(f"{desc} {i + 1}/{len(ids) - 1} tokens, {rate:.1f} tokens/s, "
-                  f"ppl so far {math.exp(sum(nll) / len(nll)):.3f}", file=sys.stderr, flush=True)
+            print(
+                f"{desc} {i + 1}/{len(ids) - 1} tokens, {rate:.1f} tokens/s, "
+                f"ppl so far {math.exp(sum(nll) / len(nll)):.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return nll, ms
 
 
 def finish(args, peer: str, version: str, nll: list, ms: list, **extra) -> None:
-    row = {"peer": peer, "version": version, "status": "ok", "tokens": len(nll), "cache": f"{args.sink}+{args.window}",
-           "threads": args.threads}
+    row = {
+        "peer": peer,
+        "version": version,
+        "status": "ok",
+        "tokens": len(nll),
+        "cache": f"{args.sink}+{args.window}",
+        "threads": args.threads,
+    }
     for mark in (1000, 20000):
         if len(ms) >= mark:
             row[f"tokens_per_s_at_{mark // 1000}k"] = round(1000 / statistics.median(ms[mark - 64 : mark]), 2)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, load_ids, parser, stream  # noqa: E402
+from common import finish, load_ids, parser, stream
 
 
 def main() -> None:
@@ -23,9 +23,9 @@ def main() -> None:
     import transformers
     from attention_sinks import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
-                                                 attention_sink_size=args.sink,
-                                                 attention_sink_window_size=args.window).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, torch_dtype=torch.float32, attention_sink_size=args.sink, attention_sink_window_size=args.window
+    ).eval()
     ids = load_ids(args)
     state = {"past": None}
 
@@ -36,8 +36,7 @@ def main() -> None:
 
     with torch.no_grad():
         nll, ms = stream(step, ids, "attention_sinks")
-    finish(args, "attention_sinks", attention_sinks.__version__, nll, ms,
-           transformers=transformers.__version__)
+    finish(args, "attention_sinks", attention_sinks.__version__, nll, ms, transformers=transformers.__version__)
 
 
 if __name__ == "__main__":

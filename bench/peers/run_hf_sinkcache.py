@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, load_ids, parser, stream  # noqa: E402
+from common import finish, load_ids, parser, stream
 
 
 def main() -> None:
@@ -23,8 +23,9 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, SinkCache
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
-                                                 attn_implementation=args.attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, torch_dtype=torch.float32, attn_implementation=args.attn
+    ).eval()
     cache = SinkCache(window_length=args.sink + args.window, num_sink_tokens=args.sink)
     ids = load_ids(args)
 

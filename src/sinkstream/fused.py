@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -88,8 +89,11 @@ def _fuse(parent: nn.Module, names: list[str]):
 
     weight_t = torch.cat([m.weight.detach() for m in mods]).t().contiguous()  # [in, sum(out)]
     has_bias = any(m.bias is not None for m in mods)
-    bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                      for m in mods]) if has_bias else None
+    bias = (
+        torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+        if has_bias
+        else None
+    )
     lo = 0
     for m in mods:
         old = m.weight.data
@@ -121,10 +125,10 @@ class _Layer:
 class FusedDecoder:
     """The one-token step of one model (build it once: ``for_model``)."""
 
-    _built: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _built: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_model(cls, model, backend: str = "auto") -> "FusedDecoder":
+    def for_model(cls, model, backend: str = "auto") -> FusedDecoder:
         """The model's decoder (built on first use; its linear layers are fused in place then)."""
         per_model = cls._built.setdefault(model, {})
         key = cls._backend(model, backend)
@@ -139,8 +143,10 @@ class FusedDecoder:
         p = next(model.parameters())
         can_native = p.device.type == "cpu" and p.dtype == torch.float32 and native.available()
         if backend == "native" and not can_native:
-            raise ValueError("the native backend needs a float32 model on the CPU and sinkstream's kernels "
-                             f"({native.unavailable_reason() or 'available'})")
+            raise ValueError(
+                "the native backend needs a float32 model on the CPU and sinkstream's kernels "
+                f"({native.unavailable_reason() or 'available'})"
+            )
         return "native" if backend == "native" or (backend == "auto" and can_native) else "torch"
 
     def __init__(self, model, backend: str = "auto"):
@@ -208,10 +214,16 @@ class FusedDecoder:
     def _layer(self, block) -> _Layer:
         attn, mlp = block.self_attn, block.mlp
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        return _Layer(block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach(),
-                      _fuse(attn, ["q_proj", "k_proj", "v_proj"]), _single(attn, "o_proj"),
-                      _fuse(mlp, ["gate_proj", "up_proj"]), _single(mlp, "down_proj"),
-                      None if qn is None else qn.weight.detach(), None if kn is None else kn.weight.detach())
+        return _Layer(
+            block.input_layernorm.weight.detach(),
+            block.post_attention_layernorm.weight.detach(),
+            _fuse(attn, ["q_proj", "k_proj", "v_proj"]),
+            _single(attn, "o_proj"),
+            _fuse(mlp, ["gate_proj", "up_proj"]),
+            _single(mlp, "down_proj"),
+            None if qn is None else qn.weight.detach(),
+            None if kn is None else kn.weight.detach(),
+        )
 
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -276,8 +288,9 @@ class FusedDecoder:
 
     def _attend(self, qkv, kv, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
         if self.native:
-            return native.ops().attend(qkv, *kv, slots, lengths, cos, sin, self.heads, weights.q_norm, weights.k_norm,
-                                       self.eps, self.scaling)
+            return native.ops().attend(
+                qkv, *kv, slots, lengths, cos, sin, self.heads, weights.q_norm, weights.k_norm, self.eps, self.scaling
+            )
         return self._attend_torch(qkv, kv, slots, lengths, cos, sin, weights)
 
     def _attend_torch(self, qkv, kv, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:

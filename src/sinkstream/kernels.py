@@ -62,7 +62,7 @@ class _precision:
     """Set ``torch.backends.mkldnn.matmul.fp32_precision`` inside a block (a class: entered once a
     layer on the decode path, where a generator-based context manager costs more)."""
 
-    __slots__ = ("value", "before")
+    __slots__ = ("before", "value")
 
     def __init__(self, value: str):
         self.value = value
@@ -112,8 +112,16 @@ def decode_layout(model) -> int:
     mapped = _file_mappings()
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(mod, torch.nn.Linear) and w is not None and w.dim() == 2 and w.is_floating_point() \
-                and w.device.type == "cpu" and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and w is not None
+            and w.dim() == 2
+            and w.is_floating_point()
+            and w.device.type == "cpu"
+            and w.is_contiguous()
+            and w.shape[0] > 1
+            and w.shape[1] > 1
+        ):
             old = w.data
             w.data = old.t().contiguous().t()
             _release(old, model, mapped)
@@ -139,7 +147,8 @@ _MADV_DONTNEED = 4
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's private mappings of regular files (Linux; empty elsewhere)."""
     try:
-        lines = open("/proc/self/maps").read().splitlines()
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
     except OSError:
         return []
     out = []

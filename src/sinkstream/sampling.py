@@ -90,8 +90,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return x.softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | list[torch.Generator] | None = None
+) -> torch.Tensor:
     """Pick next tokens from ``logits`` [B, V] -> [B]. A list of generators gives each row its own."""
     if params.greedy:
         return _checked(logits).argmax(dim=-1)

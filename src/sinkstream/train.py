@@ -84,8 +84,12 @@ def train_tokenizer(text: str, vocab: int, cache_dir: Path, sink_first: bool = F
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT, SINK_TOKEN], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=[EOT, SINK_TOKEN],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(_pieces(text), trainer=trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -93,10 +97,16 @@ def train_tokenizer(text: str, vocab: int, cache_dir: Path, sink_first: bool = F
         os.replace(tmp, path)
     tok = Tokenizer.from_file(str(path))
     if sink_first:
-        tok.post_processor = processors.TemplateProcessing(single=f"{SINK_TOKEN} $A",
-                                                           special_tokens=[(SINK_TOKEN, tok.token_to_id(SINK_TOKEN))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SINK_TOKEN if sink_first else None, eos_token=EOT,
-                                   pad_token=EOT, additional_special_tokens=[SINK_TOKEN])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{SINK_TOKEN} $A", special_tokens=[(SINK_TOKEN, tok.token_to_id(SINK_TOKEN))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SINK_TOKEN if sink_first else None,
+        eos_token=EOT,
+        pad_token=EOT,
+        additional_special_tokens=[SINK_TOKEN],
+    )
 
 
 def _pieces(text: str, size: int = 1 << 16):
@@ -145,12 +155,20 @@ def build_model(cfg: TrainConfig, tokenizer):
     from .attention import register_zero
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.ffn, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.ffn,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
         bos_token_id=tokenizer.convert_tokens_to_ids(SINK_TOKEN) if cfg.sink_mode == "learnable" else None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        sinkstream_sink_mode=cfg.sink_mode)
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        sinkstream_sink_mode=cfg.sink_mode,
+    )
     attn = register_zero() if cfg.sink_mode == "zero" else "sdpa"
     torch.manual_seed(cfg.seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
@@ -167,8 +185,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
 
 def _held_out_windows(ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int) -> torch.Tensor:
@@ -200,11 +222,14 @@ def held_out_sink(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, window
 
     was = model.training
     model.eval()
-    maps = np.mean([attention_maps(model, w, per_head=True) for w in _held_out_windows(ids, cfg, sink_id, windows)],
-                   axis=0)
+    maps = np.mean(
+        [attention_maps(model, w, per_head=True) for w in _held_out_windows(ids, cfg, sink_id, windows)], axis=0
+    )
     model.train(was)
-    return {"first_token_mass": [round(float(m), 4) for m in first_token_mass(maps.mean(axis=1))],
-            "sink_head_mass": [round(float(m), 4) for m in sink_head_mass(maps)]}
+    return {
+        "first_token_mass": [round(float(m), 4) for m in first_token_mass(maps.mean(axis=1))],
+        "sink_head_mass": [round(float(m), 4) for m in sink_head_mass(maps)],
+    }
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -229,8 +254,16 @@ def _save(model, tokenizer, opt, step: int, cfg: TrainConfig, folder: Path) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resume: bool = False,
-          progress: bool = True, eval_source: str | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    train_text: str,
+    eval_text: str,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    eval_source: str | None = None,
+) -> dict:
     """Train; returns the summary (also written to ``out/summary.json``)."""
     from tqdm import tqdm
 
@@ -243,8 +276,10 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
     sink_id = tokenizer.convert_tokens_to_ids(SINK_TOKEN)
     train_ids, eval_ids = encode(tokenizer, train_text), encode(tokenizer, eval_text)
     if len(train_ids) < cfg.seq + 1 or len(eval_ids) < cfg.seq + 1:
-        raise ValueError(f"the training and held-out texts need more than {cfg.seq} tokens each "
-                         f"(have {len(train_ids)} and {len(eval_ids)})")
+        raise ValueError(
+            f"the training and held-out texts need more than {cfg.seq} tokens each "
+            f"(have {len(train_ids)} and {len(eval_ids)})"
+        )
     model = build_model(cfg, tokenizer)
     model.train()
     opt = optimizer(model, cfg)
@@ -266,13 +301,27 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
         log_path.unlink()
     get = batches(train_ids, cfg, sink_id)
     params = sum(p.numel() for p in model.parameters())
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"parameters": params,
-                                                                    "train_tokens": int(len(train_ids)),
-                                                                    "eval_tokens": int(len(eval_ids)),
-                                                                    "eval_source": eval_source}, indent=2))
+    (out / "train_config.json").write_text(
+        json.dumps(
+            asdict(cfg)
+            | {
+                "parameters": params,
+                "train_tokens": len(train_ids),
+                "eval_tokens": len(eval_ids),
+                "eval_source": eval_source,
+            },
+            indent=2,
+        )
+    )
     t0, tokens, ema, first_loss = time.perf_counter(), 0, None, None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-               desc=f"train {cfg.sink_mode}", unit="step")
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc=f"train {cfg.sink_mode}",
+        unit="step",
+    )
     with fast_cpu_matmul(), open(log_path, "a") as logf:
         for step in bar:
             lr = lr_at(step, cfg)
@@ -300,13 +349,18 @@ def train(cfg: TrainConfig, train_text: str, eval_text: str, out: Path, *, resum
     seconds = time.perf_counter() - t0
     _save(model, tokenizer, None, cfg.steps, cfg, out / "final")
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    summary = {"sink_mode": cfg.sink_mode, "steps": cfg.steps, "parameters": params,
-               "tokens_trained": cfg.steps * cfg.batch * cfg.seq, "train_seconds": round(seconds, 1),
-               "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-               "first_loss": rows[0]["loss"] if rows else first_loss,
-               "last_loss_avg10": round(float(np.mean([r["loss"] for r in rows[-10:]])), 4) if rows else None,
-               "held_out_loss": next((r["held_out_loss"] for r in reversed(rows) if "held_out_loss" in r), None),
-               "model": str(out / "final")}
+    summary = {
+        "sink_mode": cfg.sink_mode,
+        "steps": cfg.steps,
+        "parameters": params,
+        "tokens_trained": cfg.steps * cfg.batch * cfg.seq,
+        "train_seconds": round(seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "first_loss": rows[0]["loss"] if rows else first_loss,
+        "last_loss_avg10": round(float(np.mean([r["loss"] for r in rows[-10:]])), 4) if rows else None,
+        "held_out_loss": next((r["held_out_loss"] for r in reversed(rows) if "held_out_loss" in r), None),
+        "model": str(out / "final"),
+    }
     plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

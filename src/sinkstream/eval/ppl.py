@@ -33,8 +33,15 @@ def _nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int = 256, positions: str = "cache",
-                  progress: bool = True) -> np.ndarray:
+def streaming_nll(
+    model,
+    ids: torch.Tensor,
+    n_sink: int,
+    window: int,
+    chunk: int = 256,
+    positions: str = "cache",
+    progress: bool = True,
+) -> np.ndarray:
     """NLL of ``ids[1:]`` streamed through sinks + window, as token-by-token streaming gives it."""
     ids = ids.reshape(-1)
     n = ids.shape[0]
@@ -42,8 +49,9 @@ def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int
     bar = tqdm(total=n, unit="tok", disable=not progress, desc=f"streaming {n_sink}+{window}")
     if supports_exact(model):
         with fast_cpu_matmul():
-            for s, logits in exact_stream_logits(model, ids, n_sink, window, chunk=min(chunk, window) or 1,
-                                                 positions=positions):
+            for s, logits in exact_stream_logits(
+                model, ids, n_sink, window, chunk=min(chunk, window) or 1, positions=positions
+            ):
                 c = logits.shape[0]
                 m = min(c, n - 1 - s)
                 if m > 0:
@@ -65,8 +73,9 @@ def streaming_nll(model, ids: torch.Tensor, n_sink: int, window: int, chunk: int
 
 
 @torch.no_grad()
-def dense_nll(model, ids: torch.Tensor, chunk: int = 256, limit: int | None = None,
-              progress: bool = True) -> np.ndarray:
+def dense_nll(
+    model, ids: torch.Tensor, chunk: int = 256, limit: int | None = None, progress: bool = True
+) -> np.ndarray:
     """NLL with a plain growing cache, up to ``limit`` tokens (NaN after)."""
     from transformers import DynamicCache
 
@@ -86,8 +95,9 @@ def dense_nll(model, ids: torch.Tensor, chunk: int = 256, limit: int | None = No
 
 
 @torch.no_grad()
-def recompute_nll(model, ids: torch.Tensor, window: int, stride: int = 1, first: int = 0,
-                  progress: bool = True, keep_first: int = 0) -> np.ndarray:
+def recompute_nll(
+    model, ids: torch.Tensor, window: int, stride: int = 1, first: int = 0, progress: bool = True, keep_first: int = 0
+) -> np.ndarray:
     """NLL of every ``stride``-th target, each from a fresh forward over the ``window`` preceding tokens
     (``keep_first``: the stream's first tokens, e.g. a trained sink token, start every window)."""
     ids = ids.reshape(-1)
@@ -107,9 +117,20 @@ def perplexity(nll: np.ndarray) -> float:
     return float(np.exp(vals.mean())) if vals.size else float("nan")
 
 
-def run_method(model, ids: torch.Tensor, method: str, n_sink: int, window: int, *, chunk: int = 256,
-               positions: str = "cache", stride: int = 1, first: int = 0, dense_limit: int | None = None,
-               progress: bool = True) -> tuple[np.ndarray, dict]:
+def run_method(
+    model,
+    ids: torch.Tensor,
+    method: str,
+    n_sink: int,
+    window: int,
+    *,
+    chunk: int = 256,
+    positions: str = "cache",
+    stride: int = 1,
+    first: int = 0,
+    dense_limit: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict]:
     """(nll, info) for one method; ``first`` targets before it (a sink prefix) are not evaluated."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
@@ -123,11 +144,15 @@ def run_method(model, ids: torch.Tensor, method: str, n_sink: int, window: int, 
     secs = time.perf_counter() - t0
     nll[:first] = np.nan
     evaluated = int((~np.isnan(nll)).sum())
-    info = {"method": method, "ppl": round(perplexity(nll), 4), "targets": evaluated, "seconds": round(secs, 1),
-            "ms_per_target": round(1000 * secs / max(1, evaluated), 3)}
+    info = {
+        "method": method,
+        "ppl": round(perplexity(nll), 4),
+        "targets": evaluated,
+        "seconds": round(secs, 1),
+        "ms_per_target": round(1000 * secs / max(1, evaluated), 3),
+    }
     if method == "streaming":
-        info |= {"n_sink": n_sink, "window": window, "positions": positions,
-                 "exact_chunks": supports_exact(model)}
+        info |= {"n_sink": n_sink, "window": window, "positions": positions, "exact_chunks": supports_exact(model)}
     if method == "recompute":
         info |= {"window": window, "stride": stride}
     if method == "dense":

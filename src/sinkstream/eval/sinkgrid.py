@@ -47,23 +47,38 @@ def evaluate(model, ids: torch.Tensor, cache: int, sinks, *, stride: int, chunk:
 
 def markdown(rows: dict[str, dict], cache: int, sinks, tokens: int, stride: int) -> str:
     cols = [f"{s}+{cache - s}" for s in sinks]
-    lines = ["| pre-training | " + " | ".join(cols) + f" | dense in {cache} (every {stride}th) |",
-             "|---|" + "---:|" * (len(cols) + 1)]
+    lines = [
+        "| pre-training | " + " | ".join(cols) + f" | dense in {cache} (every {stride}th) |",
+        "|---|" + "---:|" * (len(cols) + 1),
+    ]
     for mode, r in rows.items():
-        lines.append(f"| {mode} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + f" | {r['dense_in_training_length']:.2f} |")
-    lines += ["", f"Streaming PPL over {tokens:,} held-out tokens (cache {cache} = training length); "
-              "the last column recomputes every sampled target with the previous tokens that fit the training length.",
-              "", "Attention on the first token, per layer (mean over heads and queries, first "
-              f"{cache} tokens):", "", "| pre-training | " + " | ".join(
-                  f"L{i}" for i in range(len(next(iter(rows.values()))["first_token_mass"]))) + " |",
-              "|---|" + "---:|" * len(next(iter(rows.values()))["first_token_mass"])]
+        lines.append(
+            f"| {mode} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + f" | {r['dense_in_training_length']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Streaming PPL over {tokens:,} held-out tokens (cache {cache} = training length); "
+        "the last column recomputes every sampled target with the previous tokens that fit the training length.",
+        "",
+        f"Attention on the first token, per layer (mean over heads and queries, first {cache} tokens):",
+        "",
+        "| pre-training | "
+        + " | ".join(f"L{i}" for i in range(len(next(iter(rows.values()))["first_token_mass"])))
+        + " |",
+        "|---|" + "---:|" * len(next(iter(rows.values()))["first_token_mass"]),
+    ]
     for mode, r in rows.items():
         lines.append(f"| {mode} | " + " | ".join(f"{m:.2f}" for m in r["first_token_mass"]) + " |")
     n = len(next(iter(rows.values()))["sink_head_mass"])
     uniform = np.mean(1 / np.arange(cache // 2 + 1, cache + 1))
-    lines += ["", f"The strongest head's attention on the first token from the last {cache - cache // 2} queries "
-              f"(uniform attention: {uniform:.4f}; a sink head: tenths):", "",
-              "| pre-training | " + " | ".join(f"L{i}" for i in range(n)) + " |", "|---|" + "---:|" * n]
+    lines += [
+        "",
+        f"The strongest head's attention on the first token from the last {cache - cache // 2} queries "
+        f"(uniform attention: {uniform:.4f}; a sink head: tenths):",
+        "",
+        "| pre-training | " + " | ".join(f"L{i}" for i in range(n)) + " |",
+        "|---|" + "---:|" * n,
+    ]
     for mode, r in rows.items():
         lines.append(f"| {mode} | " + " | ".join(f"{m:.4f}" for m in r["sink_head_mass"]) + " |")
     return "\n".join(lines) + "\n"
@@ -107,8 +122,15 @@ def training_curves(runs, modes) -> dict[str, list[dict]]:
             continue
         c = json.loads(cfg.read_text())
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        curves[mode] = [{"tokens": r["step"] * c["batch"] * c["seq"], "sink_head_mass": r["sink_head_mass"],
-                         "first_token_mass": r["first_token_mass"]} for r in rows if "sink_head_mass" in r]
+        curves[mode] = [
+            {
+                "tokens": r["step"] * c["batch"] * c["seq"],
+                "sink_head_mass": r["sink_head_mass"],
+                "first_token_mass": r["first_token_mass"],
+            }
+            for r in rows
+            if "sink_head_mass" in r
+        ]
     return {m: c for m, c in curves.items() if c}
 
 
@@ -122,8 +144,9 @@ def plot_curves(curves: dict[str, list[dict]], cache: int, path, title: str) -> 
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, rows in curves.items():
         ax.plot([r["tokens"] for r in rows], [max(r["sink_head_mass"]) for r in rows], "o-", ms=3, label=mode)
-    ax.axhline(float(np.mean(1 / np.arange(cache // 2 + 1, cache + 1))), color="grey", ls="--", lw=1,
-               label="uniform attention")
+    ax.axhline(
+        float(np.mean(1 / np.arange(cache // 2 + 1, cache + 1))), color="grey", ls="--", lw=1, label="uniform attention"
+    )
     ax.set_xlabel("tokens trained")
     ax.set_ylabel("strongest head's mass on token 0 (late queries)")
     ax.set_yscale("log")
@@ -136,10 +159,16 @@ def plot_curves(curves: dict[str, list[dict]], cache: int, path, title: str) -> 
 
 # -- CLI ---------------------------------------------------------------------------------------------
 def add_parser(evs) -> None:
-    g = evs.add_parser("sinkgrid", help="the paper's Table 3 on `sinkstream train` runs: vanilla / zero / learnable "
-                                        "streamed with 0/1/2/4 sinks, dense in the training length, first-token mass")
-    g.add_argument("--runs", required=True, help="folder with one `sinkstream train --out` folder per mode "
-                                                "(vanilla/, zero/, learnable/)")
+    g = evs.add_parser(
+        "sinkgrid",
+        help="the paper's Table 3 on `sinkstream train` runs: vanilla / zero / learnable "
+        "streamed with 0/1/2/4 sinks, dense in the training length, first-token mass",
+    )
+    g.add_argument(
+        "--runs",
+        required=True,
+        help="folder with one `sinkstream train --out` folder per mode (vanilla/, zero/, learnable/)",
+    )
     g.add_argument("--modes", default=",".join(MODES), help="which of them (default vanilla,zero,learnable)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--text", help="held-out UTF-8 text (default: the book the runs held out)")
@@ -177,8 +206,10 @@ def validate(args, UsageError) -> None:
     for mode in args.modes:
         folder = Path(args.runs) / mode / "final"
         if not (folder / "config.json").is_file():
-            raise UsageError(f"no trained model at {folder} (run `sinkstream train --sink-mode {mode} "
-                             f"--out {Path(args.runs) / mode}`)")
+            raise UsageError(
+                f"no trained model at {folder} (run `sinkstream train --sink-mode {mode} "
+                f"--out {Path(args.runs) / mode}`)"
+            )
         args.folders[mode] = folder
     if args.text is not None:
         args.text_value = read_text(args.text, UsageError)
@@ -213,8 +244,9 @@ def run(args, UsageError) -> int:
         sinks = [s for s in args.sinks if s < cache]
         text_ids, source = _text_ids(args, tok, UsageError)
         ids = stream_ids(tok, model, text_ids)
-        rows[mode] = evaluate(model, ids, cache, sinks, stride=args.stride, chunk=args.chunk,
-                              progress=not args.no_progress)
+        rows[mode] = evaluate(
+            model, ids, cache, sinks, stride=args.stride, chunk=args.chunk, progress=not args.no_progress
+        )
         if not args.json:
             print(mode, json.dumps(rows[mode]), file=sys.stderr, flush=True)
     if len(caches) != 1:
@@ -231,5 +263,17 @@ def run(args, UsageError) -> int:
         plot_curves(curves, cache, out / "sink_over_training.png", f"{args.runs}: a sink forming during training?")
     if not args.json:
         print(table, file=sys.stderr)
-    return _finish({"command": "eval sinkgrid", "runs": str(args.runs), "text": source, "tokens": args.tokens,
-                    "cache": cache, "sinks": sinks, "rows": rows, "training": curves}, out, args)
+    return _finish(
+        {
+            "command": "eval sinkgrid",
+            "runs": str(args.runs),
+            "text": source,
+            "tokens": args.tokens,
+            "cache": cache,
+            "sinks": sinks,
+            "rows": rows,
+            "training": curves,
+        },
+        out,
+        args,
+    )

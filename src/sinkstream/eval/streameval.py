@@ -15,10 +15,36 @@ from dataclasses import dataclass
 from ..chat import ChatSession
 from ..engine import Engine, SamplingParams
 
-WORDS = ("amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "harbor", "iris", "jade", "kelp", "lotus",
-         "maple", "nectar", "onyx", "pearl", "quartz", "raven", "sage", "tundra", "umber", "violet", "willow", "yarrow")
-INSTRUCTION = ("Below is a record of lines I want you to remember. Each line has an id and a REGISTER_CONTENT "
-               "number. After each block I will ask for the REGISTER_CONTENT of one line; answer with the number only.")
+WORDS = (
+    "amber",
+    "birch",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "grove",
+    "harbor",
+    "iris",
+    "jade",
+    "kelp",
+    "lotus",
+    "maple",
+    "nectar",
+    "onyx",
+    "pearl",
+    "quartz",
+    "raven",
+    "sage",
+    "tundra",
+    "umber",
+    "violet",
+    "willow",
+    "yarrow",
+)
+INSTRUCTION = (
+    "Below is a record of lines I want you to remember. Each line has an id and a REGISTER_CONTENT "
+    "number. After each block I will ask for the REGISTER_CONTENT of one line; answer with the number only."
+)
 
 
 @dataclass
@@ -43,8 +69,15 @@ def make_lines(n: int, seed: int = 0) -> list[Line]:
     return lines
 
 
-def run_streameval(engine: Engine, n_lines: int = 400, per_turn: int = 10, back: tuple[int, int] = (5, 40),
-                   seed: int = 0, max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
+def run_streameval(
+    engine: Engine,
+    n_lines: int = 400,
+    per_turn: int = 10,
+    back: tuple[int, int] = (5, 40),
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[dict]:
     """Stream ``n_lines`` lines, ``per_turn`` per turn; after each turn ask about a line ``back`` lines ago
     (uniform in the range, when it exists). Returns one record per question."""
     from tqdm import tqdm
@@ -73,10 +106,19 @@ def run_streameval(engine: Engine, n_lines: int = 400, per_turn: int = 10, back:
             start_token[x.index] = base + len(tok(before, add_special_tokens=False).input_ids)
         answer = "".join(chat.send(message, params))
         distance = engine.tokens_seen - start_token[target.index]
-        records.append({"turn": t // per_turn, "asked_line": target.index, "lines_back": block[-1].index - target.index,
-                        "distance_tokens": distance, "expected": target.value, "answer": answer.strip(),
-                        "correct": str(target.value) in answer, "tokens_seen": engine.tokens_seen,
-                        "in_cache": distance < engine.n_sink + engine.window})
+        records.append(
+            {
+                "turn": t // per_turn,
+                "asked_line": target.index,
+                "lines_back": block[-1].index - target.index,
+                "distance_tokens": distance,
+                "expected": target.value,
+                "answer": answer.strip(),
+                "correct": str(target.value) in answer,
+                "tokens_seen": engine.tokens_seen,
+                "in_cache": distance < engine.n_sink + engine.window,
+            }
+        )
     return records
 
 
@@ -86,9 +128,13 @@ def summarize(records: list[dict], n_sink: int, window: int) -> dict:
 
     inside = [r for r in records if r["in_cache"]]
     beyond = [r for r in records if not r["in_cache"]]
-    return {"questions": len(records), "accuracy": acc(records), "cache": n_sink + window,
-            "within_cache": {"questions": len(inside), "accuracy": acc(inside)},
-            "beyond_cache": {"questions": len(beyond), "accuracy": acc(beyond)}}
+    return {
+        "questions": len(records),
+        "accuracy": acc(records),
+        "cache": n_sink + window,
+        "within_cache": {"questions": len(inside), "accuracy": acc(inside)},
+        "beyond_cache": {"questions": len(beyond), "accuracy": acc(beyond)},
+    }
 
 
 def plot_accuracy(records: list[dict], cache: int, path, title: str, bins: int = 8) -> None:

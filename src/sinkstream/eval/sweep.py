@@ -8,8 +8,18 @@ import numpy as np
 from .ppl import perplexity, run_method
 
 
-def run_sweep(model, ids, sinks=(0, 1, 2, 4, 8), caches=(256, 1024), *, chunk: int = 256, stride: int = 50,
-              dense_limit: int | None = None, progress: bool = True, save=None) -> dict:
+def run_sweep(
+    model,
+    ids,
+    sinks=(0, 1, 2, 4, 8),
+    caches=(256, 1024),
+    *,
+    chunk: int = 256,
+    stride: int = 50,
+    dense_limit: int | None = None,
+    progress: bool = True,
+    save=None,
+) -> dict:
     """PPL for every (sinks, cache) with window = cache - sinks; dense once; recompute per cache size on
     every ``stride``-th target, with each streaming run's PPL on the same targets beside it."""
     rows, curves = [], {}
@@ -25,12 +35,28 @@ def run_sweep(model, ids, sinks=(0, 1, 2, 4, 8), caches=(256, 1024), *, chunk: i
                 continue
             nll, info = run_method(model, ids, "streaming", s, cache - s, chunk=chunk, progress=progress)
             curves[f"{s}+{cache - s}"] = nll
-            rows.append({"cache": cache, "sinks": s, "window": cache - s, "ppl": info["ppl"],
-                         "ppl_on_recompute_targets": round(perplexity(np.where(sample, nll, np.nan)), 4),
-                         "seconds": info["seconds"]})
-        rows.append({"cache": cache, "sinks": None, "window": cache, "method": "recompute",
-                     "ppl_on_recompute_targets": rec["ppl"], "targets": rec["targets"], "seconds": rec["seconds"],
-                     "dense_on_recompute_targets": round(perplexity(np.where(sample, nll_dense, np.nan)), 4)})
+            rows.append(
+                {
+                    "cache": cache,
+                    "sinks": s,
+                    "window": cache - s,
+                    "ppl": info["ppl"],
+                    "ppl_on_recompute_targets": round(perplexity(np.where(sample, nll, np.nan)), 4),
+                    "seconds": info["seconds"],
+                }
+            )
+        rows.append(
+            {
+                "cache": cache,
+                "sinks": None,
+                "window": cache,
+                "method": "recompute",
+                "ppl_on_recompute_targets": rec["ppl"],
+                "targets": rec["targets"],
+                "seconds": rec["seconds"],
+                "dense_on_recompute_targets": round(perplexity(np.where(sample, nll_dense, np.nan)), 4),
+            }
+        )
     if save is not None:
         for label, nll in curves.items():
             save(label, nll)
@@ -45,12 +71,17 @@ def markdown(result: dict, sinks, caches) -> str:
         stream = {r["sinks"]: r for r in result["rows"] if r["cache"] == cache and r["sinks"] is not None}
         rec = next(r for r in result["rows"] if r["cache"] == cache and r["sinks"] is None)
         cells = [f"{stream[s]['ppl']:.2f} ({s}+{cache - s})" if s in stream else "—" for s in sinks]
-        lines.append(f"| {cache} | " + " | ".join(cells) +
-                     f" | {rec['ppl_on_recompute_targets']:.2f} (n={rec['targets']}) | {result['dense']['ppl']:.2f} |")
+        lines.append(
+            f"| {cache} | "
+            + " | ".join(cells)
+            + f" | {rec['ppl_on_recompute_targets']:.2f} (n={rec['targets']}) | {result['dense']['ppl']:.2f} |"
+        )
     d = result["dense"]
-    note = (f"\nDense: {d['ppl']:.2f} over {d['stopped_at']} tokens (max positions {d['max_positions']}"
-            + (f"; {d['ppl_within_max_positions']:.2f} within them, {d['ppl_past_max_positions']:.2f} past them)"
-               if "ppl_past_max_positions" in d else ")"))
+    note = f"\nDense: {d['ppl']:.2f} over {d['stopped_at']} tokens (max positions {d['max_positions']}" + (
+        f"; {d['ppl_within_max_positions']:.2f} within them, {d['ppl_past_max_positions']:.2f} past them)"
+        if "ppl_past_max_positions" in d
+        else ")"
+    )
     return "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -65,8 +96,7 @@ def plot_sweep(result: dict, sinks, caches, path, title: str) -> None:
         rows = [r for r in result["rows"] if r["cache"] == cache and r["sinks"] is not None]
         ax.plot([str(r["sinks"]) for r in rows], [r["ppl"] for r in rows], marker="o", label=f"cache {cache}")
         rec = next(r for r in result["rows"] if r["cache"] == cache and r["sinks"] is None)
-        ax.axhline(rec["ppl_on_recompute_targets"], linestyle=":", linewidth=1,
-                   color=ax.lines[-1].get_color())
+        ax.axhline(rec["ppl_on_recompute_targets"], linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
     ax.set_yscale("log")
     ax.set_xlabel("attention sinks (cache total fixed)")
     ax.set_ylabel("perplexity")

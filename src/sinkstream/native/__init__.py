@@ -14,6 +14,7 @@ turns the kernels off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,12 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
             if line.startswith(("flags", "Features")):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -51,8 +50,20 @@ def _command(cxx: str, out: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE), "-o", str(out)]
+    cmd = [
+        cxx,
+        "-O3",
+        "-march=native",
+        "-fopenmp",
+        "-shared",
+        "-fPIC",
+        "-std=c++20",
+        "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        str(SOURCE),
+        "-o",
+        str(out),
+    ]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     for p in cpp_extension.library_paths():
         cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
@@ -109,7 +120,7 @@ def available() -> bool:
             torch.ops.load_library(str(_build()))
             _self_check()
             _state["ok"] = True
-        except Exception as e:  # noqa: BLE001 - any failure means: use PyTorch's kernels
+        except Exception as e:
             _state["reason"] = f"{type(e).__name__}: {e}"
             log.warning("sinkstream's CPU kernels are not available (%s); using PyTorch's", _state["reason"])
     return _state["ok"]

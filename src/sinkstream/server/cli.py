@@ -14,23 +14,43 @@ def add_parser(sub, add_model_and_cache) -> None:
     add_model_and_cache(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
-                        "(default: env SINKSTREAM_API_KEY; none: open)")
-    s.add_argument("--state-dir", default=None,
-                   help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})")
-    s.add_argument("--max-sessions", type=int, default=16,
-                   help="idle sessions kept in memory; the others wait on disk (default 16)")
-    s.add_argument("--max-request-tokens", type=int, default=1_000_000,
-                   help="tokens one request may feed (default 1000000)")
-    s.add_argument("--max-completion-tokens", type=int, default=16_384,
-                   help="largest max_tokens a request may ask for (default 16384)")
-    s.add_argument("--default-max-tokens", type=int, default=None,
-                   help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+        "(default: env SINKSTREAM_API_KEY; none: open)",
+    )
+    s.add_argument(
+        "--state-dir",
+        default=None,
+        help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})",
+    )
+    s.add_argument(
+        "--max-sessions",
+        type=int,
+        default=16,
+        help="idle sessions kept in memory; the others wait on disk (default 16)",
+    )
+    s.add_argument(
+        "--max-request-tokens", type=int, default=1_000_000, help="tokens one request may feed (default 1000000)"
+    )
+    s.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        default=16_384,
+        help="largest max_tokens a request may ask for (default 16384)",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)",
+    )
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
-    s.add_argument("--served-model-name", default=None,
-                   help="the model's name in the API (default: --model, or smollm2-135m)")
+    s.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: --model, or smollm2-135m)"
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -69,24 +89,39 @@ def run(args, UsageError) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
-                                      weights=args.weights)
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn, weights=args.weights
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    name = args.served_model_name or (Path(args.model).name if args.model and os.path.exists(args.model)
-                                      else args.model or "smollm2-135m")
-    config = ServerConfig(model_name=name, n_sink=args.sink, window=args.window, state_dir=args.state_dir,
-                          api_key=args.api_key, max_sessions=args.max_sessions,
-                          max_request_tokens=args.max_request_tokens, max_completion_tokens=args.max_completion_tokens,
-                          default_max_tokens=args.default_max_tokens, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_batch=args.max_batch, decode=args.decode,
-                          kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype)
+    name = args.served_model_name or (
+        Path(args.model).name if args.model and os.path.exists(args.model) else args.model or "smollm2-135m"
+    )
+    config = ServerConfig(
+        model_name=name,
+        n_sink=args.sink,
+        window=args.window,
+        state_dir=args.state_dir,
+        api_key=args.api_key,
+        max_sessions=args.max_sessions,
+        max_request_tokens=args.max_request_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+        default_max_tokens=args.default_max_tokens,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_batch=args.max_batch,
+        decode=args.decode,
+        kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
+    )
     app = create_app(model, tokenizer, config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
-    print(f"sinkstream serve: model {name}, cache {args.sink}+{args.window}, state {args.state_dir}", file=sys.stderr,
-          flush=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    )
+    print(
+        f"sinkstream serve: model {name}, cache {args.sink}+{args.window}, state {args.state_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     server.run()
     return 0

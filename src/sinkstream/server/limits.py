@@ -57,9 +57,25 @@ class RequestLimits:
 
 
 async def _too_large(send, limit: int) -> None:
-    body = json.dumps({"error": {"message": f"request body larger than {limit} bytes (--max-body-bytes)",
-                                 "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"request body larger than {limit} bytes (--max-body-bytes)",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "request_too_large",
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -16,19 +16,26 @@ class Metrics:
         self.requests = Counter("sinkstream_requests", "HTTP requests answered", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("sinkstream_prompt_tokens", "tokens prefilled", registry=r)
         self.generated_tokens = Counter("sinkstream_generated_tokens", "tokens generated", registry=r)
-        self.ttft = Histogram("sinkstream_time_to_first_token_seconds", "request received to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "sinkstream_time_to_first_token_seconds",
+            "request received to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Gauge("sinkstream_decode_batch_size", "rows in the last decode step", registry=r)
         self.active = Gauge("sinkstream_active_requests", "generation requests in flight", registry=r)
-        self.sessions_memory = Gauge("sinkstream_sessions_in_memory", "idle sessions whose cache is in memory",
-                                     registry=r)
+        self.sessions_memory = Gauge(
+            "sinkstream_sessions_in_memory", "idle sessions whose cache is in memory", registry=r
+        )
         self.sessions = Gauge("sinkstream_sessions", "sessions stored", registry=r)
         self.turns = Counter("sinkstream_turns", "generation requests by outcome", ["outcome"], registry=r)
-        self.model_seconds = Counter("sinkstream_model_seconds", "time the worker spent in model forwards",
-                                     ["phase"], registry=r)
+        self.model_seconds = Counter(
+            "sinkstream_model_seconds", "time the worker spent in model forwards", ["phase"], registry=r
+        )
         self.decode_steps = Counter("sinkstream_decode_steps", "batched decode steps", registry=r)
-        self.decode_rows = Counter("sinkstream_decode_rows", "rows fed by decode steps (sum of batch sizes)",
-                                   registry=r)
+        self.decode_rows = Counter(
+            "sinkstream_decode_rows", "rows fed by decode steps (sum of batch sizes)", registry=r
+        )
 
     # called by the worker thread (prometheus_client is thread-safe)
     def prefilled(self, n: int, seconds: float = 0.0) -> None:

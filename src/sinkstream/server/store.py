@@ -91,8 +91,9 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, state_dir: str | Path, *, model_config, n_sink: int, window: int, max_sessions: int,
-                 device=None):
+    def __init__(
+        self, state_dir: str | Path, *, model_config, n_sink: int, window: int, max_sessions: int, device=None
+    ):
         self.root = Path(state_dir)
         self.caches = self.root / "caches"
         self.caches.mkdir(parents=True, exist_ok=True)
@@ -177,11 +178,15 @@ class SessionStore:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET updated=excluded.updated, "
                     "turns=excluded.turns, tokens_seen=excluded.tokens_seen, tokens_cached=excluded.tokens_cached, "
                     "snapshot=excluded.snapshot",
-                    (session.id, session.created, now, turn, cache.tokens_seen, cache.tokens_cached, name, conv.system))
+                    (session.id, session.created, now, turn, cache.tokens_seen, cache.tokens_cached, name, conv.system),
+                )
                 self.db.executemany(
                     "INSERT INTO messages (session_id, seq, turn, role, content, fed, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(session.id, messages_before + i, turn, m["role"], m["content"], f, now)
-                     for i, (m, f) in enumerate(zip(new, fed))])
+                    [
+                        (session.id, messages_before + i, turn, m["role"], m["content"], f, now)
+                        for i, (m, f) in enumerate(zip(new, fed))
+                    ],
+                )
             session.snapshot, session.cache = name, cache
         if old and old != name:
             (self.caches / old).unlink(missing_ok=True)
@@ -189,8 +194,11 @@ class SessionStore:
     def _write_snapshot(self, cache: SinkCache, path: Path) -> None:
         tensors, meta = cache.state()
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"sinkstream": json.dumps(meta)})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"sinkstream": json.dumps(meta)},
+        )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -203,40 +211,57 @@ class SessionStore:
     # -- reads --------------------------------------------------------------------------------------
     def _load(self, sid: str) -> Session | None:
         with self.lock:
-            row = self.db.execute("SELECT created, turns, snapshot, system FROM sessions WHERE id = ?", (sid,)).fetchone()
+            row = self.db.execute(
+                "SELECT created, turns, snapshot, system FROM sessions WHERE id = ?", (sid,)
+            ).fetchone()
             if row is None:
                 return None
-            msgs = self.db.execute("SELECT role, content, fed FROM messages WHERE session_id = ? ORDER BY seq",
-                                   (sid,)).fetchall()
+            msgs = self.db.execute(
+                "SELECT role, content, fed FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
+            ).fetchall()
         created, turns, snapshot, system = row
         with safe_open(str(self.caches / snapshot), framework="pt") as f:
             meta = json.loads(f.metadata()["sinkstream"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not iterable)
         cache = SinkCache.from_state(tensors, meta, config=self.config, device=self.device)
         fed_len, total = [], 0
         for _, _, fed in msgs:
             total += len(fed)
             fed_len.append(total)
-        conv = Conversation(system=system, messages=[{"role": r, "content": c} for r, c, _ in msgs],
-                            fed_text="".join(f for _, _, f in msgs), turns=turns)
+        conv = Conversation(
+            system=system,
+            messages=[{"role": r, "content": c} for r, c, _ in msgs],
+            fed_text="".join(f for _, _, f in msgs),
+            turns=turns,
+        )
         return Session(sid, conv, cache, snapshot=snapshot, created=created, fed_len=fed_len)
 
     def info(self, sid: str) -> dict:
         with self.lock:
-            row = self.db.execute("SELECT turns, tokens_seen, tokens_cached, created, updated FROM sessions WHERE id = ?",
-                                  (sid,)).fetchone()
+            row = self.db.execute(
+                "SELECT turns, tokens_seen, tokens_cached, created, updated FROM sessions WHERE id = ?", (sid,)
+            ).fetchone()
         if row is None:
             raise SessionNotFound(sid)
         turns, seen, cached, created, updated = row
-        return {"id": sid, "turns": turns, "tokens_seen": seen, "tokens_cached": cached,
-                "cache_capacity": self.n_sink + self.window, "created": int(created), "updated": int(updated),
-                "in_memory": sid in self.memory, "busy": sid in self.leased}
+        return {
+            "id": sid,
+            "turns": turns,
+            "tokens_seen": seen,
+            "tokens_cached": cached,
+            "cache_capacity": self.n_sink + self.window,
+            "created": int(created),
+            "updated": int(updated),
+            "in_memory": sid in self.memory,
+            "busy": sid in self.leased,
+        }
 
     def transcript(self, sid: str) -> list[dict]:
         self.info(sid)
         with self.lock:
-            rows = self.db.execute("SELECT turn, role, content FROM messages WHERE session_id = ? ORDER BY seq",
-                                   (sid,)).fetchall()
+            rows = self.db.execute(
+                "SELECT turn, role, content FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
+            ).fetchall()
         return [{"turn": t, "role": r, "content": c} for t, r, c in rows]
 
     def list(self) -> list[str]:

@@ -8,10 +8,9 @@ generator, then feeds all rows' tokens in one forward (per-row positions and mas
 leaves as its own cache again (``SinkCache.extract``), which the caller persists.
 
 Events go back to the caller through the job's ``events`` (anything with a thread-safe ``put``; a
-``queue.Queue`` by default): ``("token", id, text, logprobs)`` (logprobs ``None`` unless the job asked,
-else ``(logprob, [(id, logprob), ...])``),
-then ``("done", finish_reason)`` or ``("error", message)``. A job whose ``cancel`` is set (client gone)
-ends with ``("done", "cancelled")`` and its cache must be treated as unusable.
+``queue.Queue`` by default): ``TokenEvent``s, then a ``DoneEvent`` or an ``ErrorEvent`` (``events.py``).
+A job whose ``cancel`` is set (client gone) ends with ``DoneEvent("cancelled")`` and its cache must be
+treated as unusable.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import torch
 from ..cache import SinkCache
 from ..engine import Detokenizer, SamplingParams, eos_ids, forward_stream, sample
 from ..fused import select_decoder
+from .events import DoneEvent, ErrorEvent, TokenEvent, WorkerEvent
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Job:
     ids: list[int]
     params: SamplingParams
     cache: SinkCache
-    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    events: queue.Queue[WorkerEvent] = field(default_factory=queue.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k likeliest
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (-100 bans a token)
@@ -52,8 +52,9 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model, tokenizer, *, prefill_chunk: int, max_batch: int = 16, metrics=None,
-                 decode: str = "auto"):
+    def __init__(
+        self, model, tokenizer, *, prefill_chunk: int, max_batch: int = 16, metrics=None, decode: str = "auto"
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.fused = select_decoder(model, decode)  # one-token steps (batched decode, 1-token chunks)
         self.device = next(model.parameters()).device
@@ -61,7 +62,7 @@ class Worker:
         self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
         self.eos_ids = eos_ids(model, tokenizer)
         self.metrics = metrics
-        self.inbox: "queue.Queue[Job | None]" = queue.Queue()
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.prefilling: list[Job] = []
         self.batch: list[Job] = []
         self.batch_cache: SinkCache | None = None
@@ -103,7 +104,7 @@ class Worker:
             try:
                 self._prefill_turn()
                 self._decode_turn()
-            except Exception as e:  # noqa: BLE001 - a bug outside any one request: end the jobs in flight, go on
+            except Exception as e:
                 self._fail_all(f"the server's worker failed: {type(e).__name__}: {e}")
 
     def _take_new(self, block: bool) -> None:
@@ -123,17 +124,17 @@ class Worker:
         for job in list(self.prefilling):
             if job.cancel.is_set():
                 self.prefilling.remove(job)
-                job.events.put(("done", "cancelled"))
+                job.events.put(DoneEvent("cancelled"))
                 continue
             try:
                 self._prefill_chunk(job)
                 if job.fed >= len(job.ids) and len(self.batch) < self.max_batch:
                     self.prefilling.remove(job)
                     self._join(job)
-            except Exception as e:  # noqa: BLE001 - this request fails; the others go on
+            except Exception as e:
                 if job in self.prefilling:
                     self.prefilling.remove(job)
-                job.events.put(("error", f"{type(e).__name__}: {e}"))
+                job.events.put(ErrorEvent(f"{type(e).__name__}: {e}"))
 
     def _prefill_chunk(self, job: Job) -> None:
         if job.fed < len(job.ids):
@@ -160,12 +161,12 @@ class Worker:
         next_ids, keep = [], []
         for b, job in enumerate(self.batch):
             if job.cancel.is_set():
-                job.events.put(("done", "cancelled"))
+                job.events.put(DoneEvent("cancelled"))
                 continue
             try:
                 tid = self._sample_row(job, b, logits)
-            except Exception as e:  # noqa: BLE001 - this request fails; the other rows go on
-                job.events.put(("error", f"{type(e).__name__}: {e}"))
+            except Exception as e:
+                job.events.put(ErrorEvent(f"{type(e).__name__}: {e}"))
                 continue
             if tid is not None:
                 keep.append(b)
@@ -177,7 +178,7 @@ class Worker:
             self.metrics.batch(len(self.batch))
         try:
             logits = self._step(next_ids)
-        except Exception as e:  # noqa: BLE001 - the model step itself: every row of it is lost
+        except Exception as e:
             self._fail_all(f"the model step failed: {type(e).__name__}: {e}")
             return
         for b, job in enumerate(self.batch):
@@ -208,7 +209,7 @@ class Worker:
         text, hit = job.detok.add(tid)
         job.text = job.detok.text
         lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
-        job.events.put(("token", tid, text, lp))  # text may be "" (special token, partial character)
+        job.events.put(TokenEvent(tid, text, lp))  # text may be "" (special token, partial character)
         if self.metrics:
             self.metrics.generated(1)
         if hit:
@@ -223,16 +224,16 @@ class Worker:
     def _fail_all(self, message: str) -> None:
         """End every job in flight with ``message`` and start over with an empty batch."""
         for job in self.prefilling + self.batch:
-            job.events.put(("error", message))
+            job.events.put(ErrorEvent(message))
         self.prefilling, self.batch, self.batch_cache = [], [], None
 
     def _finish(self, job: Job, row: int, reason: str) -> None:
         tail = job.detok.flush()
         job.text = job.detok.text
         if tail:
-            job.events.put(("token", -1, tail, None))
+            job.events.put(TokenEvent(-1, tail))
         job.cache = self.batch_cache.extract([row])
-        job.events.put(("done", reason))
+        job.events.put(DoneEvent(reason))
 
     def _leave(self, keep: list[int]) -> None:
         """Rows not in ``keep`` leave the batch (their jobs already have their own caches)."""

@@ -1,0 +1,88 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``, for every way a
+request can fail — our own checks, pydantic's validation, Starlette's HTTP errors and anything
+unexpected (a 500 that names the exception's type, never a traceback)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        409: "conflict_error",
+        413: "invalid_request_error",
+        500: "server_error",
+        503: "server_error",
+    }
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> P.ErrorBody:
+        kind = self.TYPES.get(self.status, "error")
+        return P.ErrorBody(error=P.ErrorDetail(message=self.message, type=kind, code=self.code, param=self.param))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status)
+
+
+def generation_failed(error: str) -> ApiError:
+    """A turn that did not finish: 500 for a failure, 503 when it was cancelled (a sibling failed)."""
+    return ApiError(500 if error != "cancelled" else 503, f"generation failed: {error}", code="generation_failed")
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    if not api_key:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    if not secrets.compare_digest(key.strip().encode(), api_key.encode()):
+        raise ApiError(401, "invalid API key", code="invalid_api_key")
+
+
+async def _api_error(request, exc: ApiError):
+    return exc.response()
+
+
+async def _invalid(request, exc: RequestValidationError):
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    msg = err.get("msg", "invalid request")
+    if err.get("type") == "json_invalid":
+        msg = "the body is not valid JSON (UTF-8)"
+    where = ".".join(loc)
+    return ApiError(
+        400, f"{where + ': ' if where else ''}{msg}", code="invalid_request", param=where or None
+    ).response()
+
+
+async def _http(request, exc: StarletteHTTPException):
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return ApiError(400, f"the body is not valid UTF-8: {exc.__cause__}", code="invalid_request").response()
+    return ApiError(exc.status_code, str(exc.detail)).response()
+
+
+async def _crash(request, exc: Exception):
+    return ApiError(500, f"internal error: {type(exc).__name__}").response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _crash)

@@ -1,0 +1,93 @@
+"""The HTTP routes: each one reads its request and hands it to the app's serving objects.
+
+``open_routes`` need no key (the health check and the static chat page); every route of ``api``
+needs the server's API key when one is set.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from . import protocol as P
+from .errors import ApiError, check_api_key
+from .store import SessionBusy, SessionNotFound
+
+
+def authorize(request: Request) -> None:
+    check_api_key(request, request.app.state.config.api_key)
+
+
+open_routes = APIRouter()
+api = APIRouter(dependencies=[Depends(authorize)])
+
+
+@open_routes.get("/health")
+async def health(request: Request):
+    s = request.app.state
+    return {"status": "ok", "model": s.config.model_name, "live_requests": s.worker.load,
+            "sessions_in_memory": s.store.in_memory}  # fmt: skip
+
+
+@open_routes.get("/", response_class=HTMLResponse)
+async def page():  # static: no data; its API calls carry the key the user types in
+    return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
+
+
+@api.get("/metrics")
+async def prometheus(request: Request):
+    s = request.app.state
+    s.metrics.sessions_memory.set(s.store.in_memory)
+    return Response(s.metrics.render(), media_type=s.metrics.content_type)
+
+
+@api.get("/v1/models", response_model=P.ModelList)
+async def models(request: Request):
+    return P.ModelList(data=[P.ModelCard(id=request.app.state.config.model_name, created=P.now())])
+
+
+@api.get("/v1/sessions", response_model=P.SessionList)
+async def sessions(request: Request):
+    return P.SessionList(data=await run_in_threadpool(request.app.state.store.list))
+
+
+@api.get("/v1/sessions/{sid}", response_model=P.SessionInfo)
+async def session_info(sid: str, request: Request):
+    return P.SessionInfo(**_known(request.app.state.store.info, sid))
+
+
+@api.get("/v1/sessions/{sid}/messages", response_model=P.Transcript)
+async def session_messages(sid: str, request: Request):
+    return P.Transcript(id=sid, data=_known(request.app.state.store.transcript, sid))
+
+
+@api.delete("/v1/sessions/{sid}", response_model=P.SessionDeleted)
+async def session_delete(sid: str, request: Request):
+    s = request.app.state
+    try:
+        _known(s.store.delete, sid)
+    except SessionBusy:
+        msg = f"session '{sid}' is answering a request; delete it afterwards"
+        raise ApiError(409, msg, code="session_busy") from None
+    s.metrics.sessions.set(s.store.count())
+    return P.SessionDeleted(id=sid)
+
+
+@api.post("/v1/chat/completions", response_model_exclude_none=True)
+async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+    return await request.app.state.chat.create(req, request)
+
+
+@api.post("/v1/completions")
+async def completions(req: P.CompletionRequest, request: Request):
+    return await request.app.state.completion.create(req, request)
+
+
+def _known(fn, sid: str):
+    try:
+        return fn(sid)
+    except SessionNotFound:
+        raise ApiError(404, f"no session '{sid}'", code="session_not_found", param="session_id") from None

@@ -1,0 +1,265 @@
+"""The logic behind the OpenAI routes: one request's checks, its turns, its response or its stream.
+
+``ChatServing`` serves ``/v1/chat/completions`` (a session's next turn, or a whole sessionless
+conversation streamed through a fresh cache); ``CompletionServing`` serves ``/v1/completions`` (one
+or more prompts, decoded together). Both share ``RequestChecks``: the one place where request
+values are held against this server's limits and vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import torch
+from fastapi import Request
+from jinja2 import TemplateError
+from starlette.concurrency import run_in_threadpool
+
+from ..cache import SinkCache
+from ..chat import Conversation
+from ..sampling import SamplingParams
+from . import protocol as P
+from .errors import ApiError
+from .events import AsyncEvents, DoneEvent, TokenEvent
+from .store import Session
+from .turns import Turn, Turns, TurnStream, raise_failed
+from .worker import Job
+
+DONE = "data: [DONE]\n\n"
+
+
+class RequestChecks:
+    """Request values against this server's model, limits and vocabulary (400/404 otherwise)."""
+
+    def __init__(self, config, model_config):
+        self.config, self.model_config = config, model_config
+        self.vocab = model_config.get_text_config().vocab_size
+        self.kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else None
+
+    def model(self, name: str | None) -> None:
+        served = self.config.model_name
+        if name and name != served:
+            msg = f"model '{name}' is not served here; this server serves '{served}'"
+            raise ApiError(404, msg, code="model_not_found", param="model")
+
+    def length(self, n: int) -> None:
+        limit = self.config.max_request_tokens
+        if n > limit:
+            msg = (
+                f"the request feeds {n} tokens; this server accepts at most {limit} per request (--max-request-tokens)"
+            )
+            raise ApiError(400, msg, code="request_too_long", param="messages")
+
+    def logit_bias(self, req) -> dict[int, float] | None:
+        if not req.logit_bias:
+            return None
+        bias = {int(k): v for k, v in req.logit_bias.items()}
+        bad = [i for i in bias if i >= self.vocab]
+        if bad:
+            msg = f"logit_bias names token ids outside the vocabulary (0..{self.vocab - 1}): {bad[:5]}"
+            raise ApiError(400, msg, code="invalid_value", param="logit_bias")
+        return bias
+
+    def sampling(self, req) -> SamplingParams:
+        limit = self.config.max_completion_tokens
+        max_new = req.max_tokens if req.max_tokens is not None else self.config.default_max_tokens
+        if max_new > limit:
+            msg = f"max_tokens is {max_new}; this server allows at most {limit} (--max-completion-tokens)"
+            raise ApiError(400, msg, code="invalid_value", param="max_tokens")
+        try:  # the schema admits only values SamplingParams takes; this is the second line of defence
+            return SamplingParams(
+                max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                stop=tuple(req.stop or ()),
+            )  # fmt: skip
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+
+    def new_cache(self) -> SinkCache:
+        c = self.config
+        return SinkCache(c.n_sink, c.window, config=self.model_config, kv_dtype=self.kv_dtype)
+
+
+def sse(obj) -> str:
+    body = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {body}\n\n"
+
+
+def sse_failed(error: str) -> str:
+    detail = P.ErrorDetail(message=f"generation failed: {error}", type="server_error", code="generation_failed")
+    return sse(P.ErrorBody(error=detail))
+
+
+def usage(*jobs: Job) -> P.Usage:
+    prompt = sum(len(j.ids) for j in jobs)
+    completion = sum(len(j.generated) for j in jobs)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class ChatServing:
+    def __init__(self, turns: Turns, checks: RequestChecks, tokenizer, model_name: str):
+        self.turns, self.checks, self.tokenizer, self.model_name = turns, checks, tokenizer, model_name
+
+    async def create(self, req: P.ChatCompletionRequest, request: Request):
+        self.checks.model(req.model)
+        turn = await self._start(req, self.checks.sampling(req))
+        rid = P.new_id("chatcmpl")
+        if req.stream:
+            return TurnStream(
+                self._stream(turn, req, rid, request),
+                lambda: self.turns.end(turn),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        logprobs = [self._logprob_entry(e) async for e in self.turns.events(turn, request) if e.logprobs is not None]
+        raise_failed(turn)
+        choice = P.ChatChoice(
+            message=P.AssistantMessage(content=turn.job.text),
+            finish_reason=turn.finish_reason,
+            logprobs=P.ChoiceLogprobs(content=logprobs) if req.logprobs else None,
+        )
+        return P.ChatCompletion(
+            id=rid, created=P.now(), model=self.model_name, choices=[choice], usage=usage(turn.job), session=turn.info
+        )
+
+    async def _start(self, req: P.ChatCompletionRequest, params: SamplingParams) -> Turn:
+        """Lease the session (if any), render the new message and hand the job to the worker. Any failure
+        on the way hands the session back unchanged."""
+        bias = self.checks.logit_bias(req)
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        session = await self.turns.lease(req.session_id) if req.session_id else None
+        try:
+            turn = await self._turn(req, params, bias, msgs, session)
+            self.turns.submit(turn)
+            return turn
+        except BaseException:
+            if session:
+                self.turns.store.rollback(session)
+            raise
+
+    async def _turn(self, req, params, bias, msgs, session: Session | None) -> Turn:
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        if session:
+            conv = session.conversation
+            if session.new:  # the first request's messages are the conversation so far
+                conv.system, conv.messages = system, msgs[:-1]
+            cache = session.cache or self.checks.new_cache()
+            session.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
+            session.mark()
+        else:
+            conv = Conversation(system=system, messages=msgs[:-1])
+            cache = self.checks.new_cache()
+        before = len(conv.messages)
+        try:
+            ids = await run_in_threadpool(conv.begin, self.tokenizer, msgs[-1]["content"])
+        except (ValueError, TemplateError) as e:
+            raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
+        if session:
+            session.mark()
+        self.checks.length(len(ids))
+        events = AsyncEvents(asyncio.get_running_loop())
+        job = Job(ids, params, cache, events=events, top_logprobs=req.want_logprobs, logit_bias=bias)
+        return Turn(job, conv, session, before)
+
+    async def _stream(self, turn: Turn, req: P.ChatCompletionRequest, rid: str, request: Request):
+        created = P.now()
+
+        def chunk(delta: P.Delta, finish=None, logprobs=None, **kw):
+            choice = P.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
+            return sse(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice], **kw))
+
+        yield chunk(P.Delta(role="assistant", content=""))
+        async for event in self.turns.events(turn, request):
+            if event.text or event.logprobs is not None:
+                lp = P.ChoiceLogprobs(content=[self._logprob_entry(event)]) if event.logprobs is not None else None
+                yield chunk(P.Delta(content=event.text), logprobs=lp)
+        if not turn.committed:
+            if turn.error != "cancelled":
+                yield sse_failed(turn.error)
+                yield DONE
+            return
+        yield chunk(P.Delta(), finish=turn.finish_reason, session=turn.info)
+        if req.include_usage:
+            yield sse(
+                P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage(turn.job))
+            )
+        yield DONE
+
+    def _logprob_entry(self, event: TokenEvent) -> P.TokenLogprob:
+        chosen, top = event.logprobs
+
+        def one(i, v):
+            text = self.tokenizer.decode([i], skip_special_tokens=False)
+            return P.TopLogprob(token=text, logprob=v, bytes=list(text.encode("utf-8")))
+
+        first = one(event.id, chosen)
+        return P.TokenLogprob(
+            token=first.token, logprob=chosen, bytes=first.bytes, top_logprobs=[one(i, v) for i, v in top]
+        )
+
+
+class CompletionServing:
+    def __init__(self, turns: Turns, checks: RequestChecks, tokenizer, model_name: str):
+        self.turns, self.checks, self.tokenizer, self.model_name = turns, checks, tokenizer, model_name
+
+    async def create(self, req: P.CompletionRequest, request: Request):
+        self.checks.model(req.model)
+        params = self.checks.sampling(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        queue = asyncio.Queue()  # shared by the prompts' jobs, their events tagged with the prompt's index
+        turns = self._turns(req, params, prompts, asyncio.get_running_loop(), queue)
+        self.turns.submit_all(turns)
+        rid = P.new_id("cmpl")
+        if req.stream:
+            return TurnStream(
+                self._stream(turns, queue, req, prompts, rid, request),
+                lambda: [self.turns.end(t) for t in turns],
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        async for _ in self.turns.multi_events(turns, queue, request):
+            pass
+        raise_failed(*turns)
+        choices = [
+            P.CompletionChoice(
+                index=i, text=(prompts[i] if req.echo else "") + t.job.text, finish_reason=t.finish_reason
+            )
+            for i, t in enumerate(turns)
+        ]
+        return P.Completion(
+            id=rid, created=P.now(), model=self.model_name, choices=choices, usage=usage(*(t.job for t in turns))
+        )
+
+    def _turns(self, req, params, prompts: list[str], loop, queue: asyncio.Queue) -> list[Turn]:
+        bias, turns = self.checks.logit_bias(req), []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt).input_ids if prompt else [self.tokenizer.bos_token_id or 0]
+            self.checks.length(len(ids))
+            events = AsyncEvents(loop, queue, tag=i)
+            turns.append(Turn(Job(ids, params, self.checks.new_cache(), events=events, logit_bias=bias), None))
+        return turns
+
+    async def _stream(self, turns, queue, req: P.CompletionRequest, prompts, rid: str, request: Request):
+        created = P.now()
+
+        def chunk(i, text, finish=None):
+            c = P.CompletionChoice(index=i, text=text, finish_reason=finish)
+            return sse(P.Completion(id=rid, created=created, model=self.model_name, choices=[c]))
+
+        if req.echo:
+            for i, p in enumerate(prompts):
+                yield chunk(i, p)
+        async for i, event in self.turns.multi_events(turns, queue, request):
+            if isinstance(event, DoneEvent):
+                yield chunk(i, "", event.reason)
+            elif event.text:
+                yield chunk(i, event.text)
+        failed = [t for t in turns if not t.committed and t.error != "cancelled"]
+        if failed:
+            yield sse_failed(failed[0].error)
+        elif any(not t.committed for t in turns):
+            return
+        elif req.include_usage:
+            total = usage(*(t.job for t in turns))
+            yield sse(P.Completion(id=rid, created=created, model=self.model_name, choices=[], usage=total))
+        yield DONE

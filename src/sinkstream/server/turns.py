@@ -1,0 +1,194 @@
+"""A request's life with the worker: submit its job, follow its events, commit or roll back.
+
+Every path a turn can take — finished, failed in the worker, failed to commit, client gone,
+cancelled before its body was read — ends in ``Turns.end`` exactly once, which hands the session
+back (kept if the turn was committed, else rolled back to its last committed turn) and counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..chat import Conversation
+from . import protocol as P
+from .errors import ApiError, generation_failed
+from .events import DoneEvent, ErrorEvent, TokenEvent
+from .store import Session, SessionBusy, SessionStore
+from .worker import Job, Worker
+
+
+@dataclass
+class Turn:
+    """One generation request in flight."""
+
+    job: Job
+    conversation: Conversation | None  # chat requests
+    session: Session | None = None
+    messages_before: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    committed: bool = False
+    info: P.SessionInfo | None = None  # the session after this turn's commit
+    ended: bool = False  # the session is handed back and the metrics counted (exactly once)
+    commit_task: asyncio.Future | None = None
+
+
+class TurnStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends: finished, client gone, or cancelled
+    before its body was ever iterated (then the body generator's own ``finally`` never runs)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def queue_items(queue: asyncio.Queue, request: Request):
+    """Items from ``queue`` as they come; ends when the client has gone (checked every second)."""
+    while True:
+        try:
+            yield await asyncio.wait_for(queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return
+
+
+class Turns:
+    """Submits turns to the worker and sees each one to its end."""
+
+    def __init__(self, worker: Worker, store: SessionStore, metrics, tokenizer, cache_capacity: int):
+        self.worker, self.store, self.metrics, self.tokenizer = worker, store, metrics, tokenizer
+        self.cache_capacity = cache_capacity
+
+    def submit(self, turn: Turn) -> None:
+        self.worker.submit(turn.job)
+        self.metrics.active.inc()  # end() decrements it
+
+    def submit_all(self, turns: list[Turn]) -> None:
+        """Submit every turn, or none: a failure ends the ones already submitted (cancelling their jobs)."""
+        submitted = []
+        try:
+            for t in turns:
+                self.submit(t)
+                submitted.append(t)
+        except BaseException:
+            for t in submitted:
+                self.end(t)
+            raise
+
+    async def lease(self, sid: str) -> Session:
+        """``store.acquire`` in a thread; a request cancelled meanwhile hands the lease back when it comes."""
+        lease = asyncio.ensure_future(run_in_threadpool(self.store.acquire, sid))
+        try:
+            return await asyncio.shield(lease)
+        except SessionBusy:
+            raise ApiError(
+                409,
+                f"session '{sid}' is answering another request; retry when it is done",
+                code="session_busy",
+                param="session_id",
+            ) from None
+        except asyncio.CancelledError:
+            lease.add_done_callback(lambda f: f.cancelled() or f.exception() or self.store.rollback(f.result()))
+            raise
+
+    async def events(self, turn: Turn, request: Request):
+        """The job's token events as they come; on ``done`` the turn is committed (or rolled back)
+        first. Leaving early (client gone) cancels the job and rolls the session back; a commit under
+        way finishes first."""
+        try:
+            async for event in queue_items(turn.job.events.queue, request):
+                if isinstance(event, TokenEvent):
+                    yield event
+                    continue
+                if isinstance(event, DoneEvent) and event.finished:
+                    turn.finish_reason = event.reason
+                    turn.commit_task = asyncio.ensure_future(self._commit(turn))
+                    await asyncio.shield(turn.commit_task)
+                else:
+                    turn.error = event.message if isinstance(event, ErrorEvent) else "cancelled"
+                return
+        finally:
+            self.end(turn)
+
+    async def multi_events(self, turns: list[Turn], queue: asyncio.Queue, request: Request):
+        """Events of several sessionless jobs sharing one queue, as (index, event); ends when all are
+        done, or when one fails (the request fails as a whole: the others are cancelled)."""
+        live = set(range(len(turns)))
+        try:
+            async for i, event in queue_items(queue, request):
+                if isinstance(event, TokenEvent):
+                    yield i, event
+                    continue
+                t = turns[i]
+                if isinstance(event, DoneEvent) and event.finished:
+                    t.finish_reason, t.committed = event.reason, True
+                    yield i, event
+                else:
+                    t.error = event.message if isinstance(event, ErrorEvent) else "cancelled"
+                    return
+                live.discard(i)
+                if not live:
+                    return
+        finally:
+            for t in turns:
+                self.end(t)
+
+    async def _commit(self, turn: Turn) -> None:
+        """Record the answer and persist the session's turn; a failure leaves the turn uncommitted."""
+        job = turn.job
+        try:
+            turn.conversation.finish(
+                self.tokenizer, job.generated, last_unfed=job.last_unfed, cut_text=job.text if job.stop_hit else None
+            )
+            if turn.session is not None:
+                await run_in_threadpool(self.store.commit, turn.session, job.cache, turn.messages_before)
+        except Exception as e:
+            turn.error = f"could not save the turn: {type(e).__name__}: {e}"
+            return
+        if turn.session is not None:
+            self.metrics.sessions.set(self.store.count())
+            turn.info = P.SessionInfo(
+                id=turn.session.id,
+                tokens_seen=job.cache.tokens_seen,
+                tokens_cached=job.cache.tokens_cached,
+                turns=turn.session.turns,
+                cache_capacity=self.cache_capacity,
+            )
+        turn.committed = True
+
+    def end(self, turn: Turn) -> None:
+        """Hand the turn's session back (kept if committed, else rolled back) and count the turn: once."""
+        if turn.ended:
+            return
+        if turn.commit_task is not None and not turn.commit_task.done():
+            turn.commit_task.add_done_callback(lambda _: self.end(turn))  # the commit decides
+            return
+        turn.ended = True
+        if not turn.committed and turn.error is None:
+            turn.error = "cancelled"
+        if not turn.committed:  # committed implies the job finished
+            turn.job.cancel.set()
+        if turn.session is not None:
+            (self.store.keep if turn.committed else self.store.rollback)(turn.session)
+            turn.session = None  # no longer ours
+        self.metrics.active.dec()
+        outcome = "ok" if turn.committed else ("error" if turn.error != "cancelled" else "cancelled")
+        self.metrics.turns.labels(outcome).inc()
+
+
+def raise_failed(*turns: Turn) -> None:
+    """The error response of the first turn that failed (a real failure before a cancelled sibling)."""
+    failed = [t for t in turns if not t.committed]
+    if failed:
+        raise generation_failed(next((t for t in failed if t.error != "cancelled"), failed[0]).error)
