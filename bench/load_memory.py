@@ -17,7 +17,7 @@ from pathlib import Path
 CHILD = """
 import json, sys
 from sinkstream import load_model
-from sinkstream.engine import peak_rss_mb, rss_mb
+from sinkstream.memory import peak_rss_mb, rss_mb
 model, tok = load_model(sys.argv[1] or None, decode_layout=sys.argv[2] == "1", weights=sys.argv[3])
 tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
 print(json.dumps({"rss_after_load_mb": round(rss_mb(), 1),

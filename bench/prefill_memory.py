@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from sinkstream import Engine, load_model
-from sinkstream.engine import rss_mb
 from sinkstream.eval.data import gutenberg_text
 from sinkstream.kernels import fast_cpu_matmul
+from sinkstream.memory import rss_mb
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ def test_decode_layout_models_export_and_save(tmp_path, tiny_dir):
 def test_decode_layout_hands_back_the_loaded_file_s_pages_and_nothing_else(tmp_path):
     import mmap
 
-    from sinkstream.engine import rss_mb
+    from sinkstream.memory import rss_mb
 
     values = torch.arange(8 * 2**20, dtype=torch.float32)  # 32 MB
     (tmp_path / "w.bin").write_bytes(values.numpy().tobytes())

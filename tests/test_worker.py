@@ -65,7 +65,7 @@ def test_a_failing_row_fails_alone():
         jobs[1].logit_bias = {5: 1.0}
         for job in jobs:
             worker.submit(job)
-        jobs[1].bias[7] = float("nan")  # this row's numerics break after its first sampled token at the latest
+        jobs[1].row.bias[7] = float("nan")  # this row's numerics break after its first sampled token at the latest
         event = _events_until_end(jobs[1])
         assert isinstance(event, ErrorEvent) and "NaN" in event.message
         for job, ref in zip((jobs[0], jobs[2]), (alone[0], alone[2])):

@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .engine import Engine, peak_rss_mb, rss_mb
+from .engine import Engine
 from .kernels import fast_cpu_matmul
+from .memory import peak_rss_mb, rss_mb
 
 CHECKPOINTS = (1_000, 2_000, 10_000, 100_000, 1_000_000)
 DENSE_CHECKPOINTS = (1_000, 2_000, 4_000, 8_000, 16_000, 32_000)

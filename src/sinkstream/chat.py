@@ -111,17 +111,12 @@ class ChatSession:
         partial answer in the conversation (its tokens are in the cache)."""
         tok = self.engine.tokenizer
         ids = self.conversation.begin(tok, message)
-        generated: list[int] = []
+        answer = self.engine.generate(ids, params)
         try:
-            for t in self.engine.generate(ids, params):
-                if t.id >= 0:
-                    generated.append(t.id)
+            for t in answer:
                 if t.text:
                     yield t.text
         finally:
-            self.conversation.finish(
-                tok,
-                generated,
-                last_unfed=self.engine.unfed is not None,
-                cut_text=self.engine.last_text if self.engine.stop_hit else None,
-            )
+            answer.close()  # an interrupted answer stops here, its tokens so far in the cache
+            cut = answer.text if answer.stop_hit else None
+            self.conversation.finish(tok, answer.token_ids, last_unfed=answer.last_unfed, cut_text=cut)

@@ -11,7 +11,6 @@ re-rotation of the window), so positions never exceed ``n_sink + 2 * window``.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -20,10 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
+from .decoding import RowState, eos_ids
 from .fused import FusedDecoder, select_decoder
 from .kernels import fast_cpu_matmul
+from .memory import peak_rss_mb
 from .positions import ALIBI_FAMILIES
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
+
+__all__ = ["Engine", "Generation", "SamplingParams", "Token", "forward_stream"]
 
 
 @dataclass
@@ -32,6 +35,40 @@ class Token:
 
     id: int
     text: str
+
+
+class Generation:
+    """One ``generate`` call: iterate it for its tokens; afterwards it says how the answer ended."""
+
+    def __init__(self, tokens: Iterator[Token], row: RowState):
+        self._tokens, self.row = tokens, row
+
+    def __iter__(self) -> Iterator[Token]:
+        return self._tokens
+
+    def close(self) -> None:
+        """Stop early (the tokens sampled so far stay in the cache, the last one unfed)."""
+        self._tokens.close()
+
+    @property
+    def finish_reason(self) -> str | None:  # stop | length; None if not run to its end
+        return self.row.finish_reason
+
+    @property
+    def text(self) -> str:  # the answer's text, cut before a stop string
+        return self.row.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.row.generated
+
+    @property
+    def stop_hit(self) -> bool:
+        return self.row.stop_hit
+
+    @property
+    def last_unfed(self) -> bool:  # the last generated token is not in the cache yet
+        return self.row.last_unfed
 
 
 @dataclass
@@ -43,66 +80,6 @@ class Stats:
     max_cache_tokens: int = 0
     rebases: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "interrupted"
-
-
-def rss_mb() -> float:
-    """Resident set size of this process now, in MiB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Detokenizer:
-    """Incremental detokenization: emits text as it becomes final, holding back partial
-    characters and any tail that could still become a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tok, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # final text so far
-        self.emitted = 0
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.prefix, self.read = 0, 0  # offsets into ids, as in vLLM's incremental decoding
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (newly final text, whether a stop string was hit)."""
-        self.ids.append(token_id)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
-        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix_text) :]
-            self.prefix, self.read = self.read, len(self.ids)
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.text = self.text[:at]
-                return self._take(len(self.text)), True
-        return self._take(len(self.text) - self.hold), False
-
-    def flush(self) -> str:
-        return self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        out, self.emitted = self.text[self.emitted : upto], upto
-        return out
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """The token ids that end an answer: the model's generation config's and the tokenizer's."""
-    ids = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(src)
-    return ids
 
 
 def forward_stream(
@@ -181,8 +158,6 @@ class Engine:
         else:
             self.cache = SinkCache(self.n_sink, self.window, config=self.model.config, kv_dtype=self.kv_dtype)
         self.last_logits: torch.Tensor | None = None
-        self.unfed: int | None = None  # the last sampled token, not yet fed to the model
-        self.stop_hit = False  # the last generate() ended on a stop string
 
     @property
     def tokens_seen(self) -> int:
@@ -233,49 +208,24 @@ class Engine:
 
     def step(self, token_id: int) -> torch.Tensor:
         """One decode step: feed one token, return the next logits."""
-        self.unfed = None
         return self.forward(torch.tensor([[token_id]], device=self.device))
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[Token]:
-        """Prefill ``prompt_ids`` then yield tokens as they are sampled.
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Generation:
+        """Prefill ``prompt_ids`` then yield tokens as they are sampled (iterate the result; afterwards
+        it holds why the answer ended, its text and ids).
 
         Stops on an EOS token (not yielded, not fed), a stop string (the text is cut before it),
         or ``max_new_tokens``. The last sampled token is not fed to the model: the next call
         feeds whatever the caller passes (a chat feeds the end-of-turn marker).
         """
-        params = params or SamplingParams()
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        row = self._row(params or SamplingParams())
+        return Generation(self._generate_one(prompt_ids, row), row)
+
+    def _generate_one(self, prompt_ids: Sequence[int], row: RowState) -> Iterator[Token]:
         logits = self.prefill(prompt_ids)
-        self.unfed = None
-        self.stop_hit = False
-        detok = Detokenizer(self.tokenizer, params.stop)
-        self.stats.finish_reason = "length"
-        t0 = time.perf_counter()
-        next_id = -1
-        try:
-            for i in range(params.max_new_tokens):
-                if i:
-                    logits = self.step(next_id)
-                next_id = int(sample(logits, params, gen)[0])
-                if next_id in self.eos_ids:
-                    self.stats.finish_reason = "stop"
-                    break
-                self.stats.tokens_generated += 1
-                self.unfed = next_id
-                text, hit = detok.add(next_id)
-                yield Token(next_id, text)
-                if hit:
-                    self.stop_hit = True
-                    self.stats.finish_reason = "stop"
-                    break
-            tail = detok.flush()
-            if tail:
-                yield Token(-1, tail)
-        finally:
-            self.stats.decode_s += time.perf_counter() - t0
-            self.last_text = detok.text
+        for _, token in self._decode(self.cache, [row], logits):
+            yield token
+        self.stats.finish_reason = row.finish_reason
 
     @torch.no_grad()
     def generate_batch(
@@ -298,43 +248,55 @@ class Engine:
         self.reset()
         cache = SinkCache.stack(caches)
         del caches
-        logits = torch.cat(logits)
-        gens = None
-        if params.seed is not None:
-            gens = [torch.Generator(device=self.device).manual_seed(params.seed) for _ in prompts]
-        rows = list(range(len(prompts)))  # prompt index of every live batch row
-        detoks = [Detokenizer(self.tokenizer, params.stop) for _ in prompts]
+        yield from self._decode(cache, [self._row(params) for _ in prompts], torch.cat(logits))
+
+    def _row(self, params: SamplingParams) -> RowState:
+        return RowState.start(self.tokenizer, params, self.eos_ids, self.device)
+
+    @torch.no_grad()
+    def _decode(self, cache, rows: list[RowState], logits: torch.Tensor) -> Iterator[tuple[int, Token]]:
+        """The decode loop: sample every live row, let each decide whether it goes on, feed the tokens
+        of those that do in one step (rows that finished leave the batch). Yields (row, Token)."""
+        live = list(range(len(rows)))  # the row of every batch row
         t0 = time.perf_counter()
-        next_ids = torch.empty(0, dtype=torch.long)
         try:
-            for i in range(params.max_new_tokens):
-                if i:
-                    logits = self._forward(cache, next_ids[:, None], rows_differ=len(rows) > 1)
-                next_ids = sample(logits, params, gens)
-                keep = []
-                for b, p in enumerate(rows):
-                    tid = int(next_ids[b])
-                    if tid in self.eos_ids:
-                        continue
-                    self.stats.tokens_generated += 1
-                    text, hit = detoks[p].add(tid)
-                    yield p, Token(tid, text)
-                    if not hit:
+            while live:
+                keep, next_ids = [], []
+                for b, r in enumerate(live):
+                    tid = self._sample_row(rows[r], logits[b : b + 1])
+                    for token in self._emit(rows[r], tid):
+                        yield r, token
+                    if not rows[r].done:
                         keep.append(b)
-                if not keep or i == params.max_new_tokens - 1:
-                    break
-                if len(keep) < len(rows):  # finished streams leave the batch
+                        next_ids.append(tid)
+                if not keep:
+                    return
+                if len(keep) < len(live):
                     cache.select_rows(keep)
-                    next_ids = next_ids[keep]
-                    rows = [rows[b] for b in keep]
-                    if gens is not None:
-                        gens = [gens[b] for b in keep]
-            for p, d in enumerate(detoks):
-                tail = d.flush()
-                if tail:
-                    yield p, Token(-1, tail)
+                    live = [live[b] for b in keep]
+                ids = torch.tensor(next_ids, device=self.device)[:, None]
+                logits = self._forward(cache, ids, rows_differ=len(live) > 1)
+                for r in live:
+                    rows[r].fed()
         finally:
             self.stats.decode_s += time.perf_counter() - t0
+
+    @staticmethod
+    def _sample_row(row: RowState, logits: torch.Tensor) -> int | None:
+        if row.params.max_new_tokens <= 0:
+            row.finish_reason = "length"
+            return None
+        return row.sample(logits)
+
+    def _emit(self, row: RowState, tid: int | None) -> Iterator[Token]:
+        text = row.accept(tid) if tid is not None else None
+        if text is not None:
+            self.stats.tokens_generated += 1
+            yield Token(tid, text)
+        if row.done:
+            tail = row.flush()
+            if tail:
+                yield Token(-1, tail)
 
     def summary(self) -> dict:
         """Stats of everything this engine did, as one JSON-able dict."""

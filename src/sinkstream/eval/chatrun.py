@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 from ..chat import ChatSession
-from ..engine import Engine, SamplingParams, rss_mb
+from ..engine import Engine, SamplingParams
+from ..memory import rss_mb
 
 
 def run_chat(

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import SinkCache
-from ..engine import Detokenizer, SamplingParams, eos_ids, forward_stream, sample
+from ..decoding import RowState, eos_ids
+from ..engine import forward_stream
 from ..fused import select_decoder
+from ..sampling import SamplingParams
 from .events import DoneEvent, ErrorEvent, TokenEvent, WorkerEvent
 
 
@@ -39,16 +41,26 @@ class Job:
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (-100 bans a token)
     # filled in by the worker
     fed: int = 0  # prompt tokens fed so far
-    generated: list[int] = field(default_factory=list)
-    last_unfed: bool = False  # the last sampled token was not fed to the model
-    stop_hit: bool = False
-    text: str = ""  # the answer text (cut before a stop string)
+    row: RowState | None = None  # the answer being decoded (sampling state, text, ids)
     logits: torch.Tensor | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
-    detok: Detokenizer | None = None
-    generator: torch.Generator | None = None
-    bias: torch.Tensor | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.row.generated
+
+    @property
+    def text(self) -> str:  # the answer text (cut before a stop string)
+        return self.row.text
+
+    @property
+    def stop_hit(self) -> bool:
+        return self.row.stop_hit
+
+    @property
+    def last_unfed(self) -> bool:  # the last sampled token was not fed to the model
+        return self.row.last_unfed
 
 
 class Worker:
@@ -82,13 +94,8 @@ class Worker:
     def submit(self, job: Job) -> Job:
         if not job.ids:
             raise ValueError("nothing to feed")
-        job.detok = Detokenizer(self.tokenizer, job.params.stop)
-        if job.logit_bias:
-            vocab = self.model.config.get_text_config().vocab_size  # ids checked by the caller
-            job.bias = torch.zeros(vocab, device=self.device)
-            job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
-        if job.params.seed is not None:
-            job.generator = torch.Generator(device=self.device).manual_seed(job.params.seed)
+        vocab = self.model.config.get_text_config().vocab_size  # logit_bias ids checked by the caller
+        job.row = RowState.start(self.tokenizer, job.params, self.eos_ids, self.device, job.logit_bias, vocab)
         self.inbox.put(job)
         return job
 
@@ -182,7 +189,8 @@ class Worker:
             self._fail_all(f"the model step failed: {type(e).__name__}: {e}")
             return
         for b, job in enumerate(self.batch):
-            job.logits, job.last_unfed = logits[b : b + 1], False
+            job.logits = logits[b : b + 1]
+            job.row.fed()
 
     def _step(self, next_ids: list[int]) -> torch.Tensor:
         """Feed one token per batch row; the next logits [B, V]."""
@@ -195,29 +203,19 @@ class Worker:
 
     def _sample_row(self, job: Job, b: int, logits: torch.Tensor) -> int | None:
         """Sample row ``b`` and emit its token; returns the token to feed, or None if the row finished."""
-        row = logits[b : b + 1] if job.bias is None else logits[b : b + 1] + job.bias[: logits.shape[-1]]
-        tid = int(sample(row, job.params, job.generator)[0])
+        tid = job.row.sample(logits[b : b + 1])
         if job.t_first is None:
             job.t_first = time.perf_counter()
             if self.metrics:
                 self.metrics.first_token(job.t_first - job.t_submit)
-        if tid in self.eos_ids:
-            self._finish(job, b, "stop")
-            return None
-        job.generated.append(tid)
-        job.last_unfed = True
-        text, hit = job.detok.add(tid)
-        job.text = job.detok.text
-        lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
-        job.events.put(TokenEvent(tid, text, lp))  # text may be "" (special token, partial character)
-        if self.metrics:
-            self.metrics.generated(1)
-        if hit:
-            job.stop_hit = True
-            self._finish(job, b, "stop")
-            return None
-        if len(job.generated) >= job.params.max_new_tokens:
-            self._finish(job, b, "length")
+        text = job.row.accept(tid)
+        if text is not None:
+            lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
+            job.events.put(TokenEvent(tid, text, lp))  # text may be "" (special token, partial character)
+            if self.metrics:
+                self.metrics.generated(1)
+        if job.row.done:
+            self._finish(job, b, job.row.finish_reason)
             return None
         return tid
 
@@ -228,8 +226,7 @@ class Worker:
         self.prefilling, self.batch, self.batch_cache = [], [], None
 
     def _finish(self, job: Job, row: int, reason: str) -> None:
-        tail = job.detok.flush()
-        job.text = job.detok.text
+        tail = job.row.flush()
         if tail:
             job.events.put(TokenEvent(-1, tail))
         job.cache = self.batch_cache.extract([row])

@@ -1,0 +1,130 @@
+"""One stream's decoding, the same wherever tokens are sampled: the engine, its batches and the
+server's worker.
+
+A ``RowState`` holds what one stream needs between steps (its sampling parameters and generator,
+its logit bias, its detokenizer, what it generated) and decides, token by token, whether the
+answer goes on: an end-of-sequence token ends it unseen, a stop string ends it with the text cut
+before the string, ``max_new_tokens`` ends it at length. The last sampled token is never fed to
+the model by the loop: whoever continues the stream decides what to feed next (a chat feeds the
+end-of-turn marker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams, sample
+
+
+class Detokenizer:
+    """Incremental detokenization: emits text as it becomes final, holding back partial
+    characters and any tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # final text so far
+        self.emitted = 0
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.prefix, self.read = 0, 0  # offsets into ids, as in vLLM's incremental decoding
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (newly final text, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                return self._take(len(self.text)), True
+        return self._take(len(self.text) - self.hold), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted : upto], upto
+        return out
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end an answer: the model's generation config's and the tokenizer's."""
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return ids
+
+
+@dataclass
+class RowState:
+    """One stream being decoded. ``finish_reason`` is None while it goes on, then ``stop`` or
+    ``length``; ``text`` is the answer so far (cut before a stop string)."""
+
+    params: SamplingParams
+    detok: Detokenizer
+    eos_ids: set[int]
+    generator: torch.Generator | None = None
+    bias: torch.Tensor | None = None  # [V], added to the logits before sampling
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_hit: bool = False
+    last_unfed: bool = False  # the last generated token has not been fed to the model
+
+    @classmethod
+    def start(cls, tokenizer, params: SamplingParams, eos: set[int], device, logit_bias=None, vocab=None):
+        """A fresh row: its own generator (seeded alike for every row with the same seed) and bias."""
+        gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+        bias = None
+        if logit_bias:
+            bias = torch.zeros(vocab, device=device)
+            bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), device=device)
+        return cls(params, Detokenizer(tokenizer, params.stop), eos, gen, bias)
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from this row's logits [1, V], with its parameters, bias and generator."""
+        if self.bias is not None:
+            logits = logits + self.bias[: logits.shape[-1]]
+        return int(sample(logits, self.params, self.generator)[0])
+
+    def accept(self, tid: int) -> str | None:
+        """Take the sampled ``tid``: None if it ends the answer unseen (EOS), else the newly final text
+        (may be empty). Sets ``finish_reason`` when the answer is over."""
+        if tid in self.eos_ids:
+            self.finish_reason = "stop"
+            return None
+        self.generated.append(tid)
+        self.last_unfed = True
+        text, hit = self.detok.add(tid)
+        if hit:
+            self.stop_hit, self.finish_reason = True, "stop"
+        elif len(self.generated) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        return text
+
+    def fed(self) -> None:
+        """The last generated token went into the model."""
+        self.last_unfed = False
+
+    def flush(self) -> str:
+        """The text held back until the end (a partial stop string that never completed)."""
+        return self.detok.flush()
