@@ -1,4 +1,4 @@
-"""``sinkstream bench ...``: validation and running."""
+"""``sinkstream bench decode``: per-token latency and memory against tokens seen, recompute and dense beside."""
 
 from __future__ import annotations
 
@@ -6,11 +6,57 @@ import json
 import sys
 from pathlib import Path
 
+from .options import (
+    Parser,
+    UsageError,
+    add_eval_outputs,
+    add_text_source,
+    check_cache_options,
+    finish,
+    int_list,
+    load_model_for,
+    model_name,
+    read_text,
+    text_ids,
+)
+
 COMPARE = ("recompute", "dense")
 
 
-def validate(args, UsageError) -> None:
-    from .eval.cli import _int_list, read_text
+def add_parser(sub) -> None:
+    bn = sub.add_parser("bench", help="benchmarks that print JSON (writes into --out)")
+    bns = bn.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    bd = bns.add_parser(
+        "decode", help="per-token decode latency and RSS against tokens seen; recompute and dense beside"
+    )
+    bd.add_argument(
+        "--tokens", type=int, default=20_000, help="tokens streamed (default 20000; 1000000 for the 1M point)"
+    )
+    bd.add_argument("--measure", type=int, default=64, help="decode steps timed at each checkpoint (default 64)")
+    bd.add_argument("--compare", default="", help="comma-separated: recompute, dense (default none)")
+    bd.add_argument(
+        "--recompute-caches",
+        default="256,512,1024,2048,4096",
+        help="cache sizes for --compare recompute (default 256,512,1024,2048,4096)",
+    )
+    bd.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="recompute forwards timed per cache size, in turns with the streaming steps (default 5)",
+    )
+    bd.add_argument(
+        "--dense-tokens",
+        type=int,
+        default=None,
+        help="--compare dense: stream this far (default: the model's maximum positions)",
+    )
+    add_text_source(bd, required=False)
+    add_eval_outputs(bd, "out/bench-decode", weights="auto")
+
+
+def validate(args) -> None:
+    check_cache_options(args)
 
     if args.measure < 1:
         raise UsageError(f"--measure must be >= 1, got {args.measure}")
@@ -23,19 +69,19 @@ def validate(args, UsageError) -> None:
     if bad:
         raise UsageError(f"unknown --compare '{','.join(bad)}'; choose from {', '.join(COMPARE)}")
     args.compare_list = list(dict.fromkeys(compare))
-    args.caches = _int_list(args.recompute_caches, "--recompute-caches", UsageError, 2)
+    args.caches = int_list(args.recompute_caches, "--recompute-caches", 2)
     if args.dense_tokens is not None and args.dense_tokens <= args.measure:
         raise UsageError(f"--dense-tokens must be > --measure ({args.measure}), got {args.dense_tokens}")
     if args.book is not None and args.corpus is None:
         raise UsageError("--book needs --corpus gutenberg")
     if args.text is not None:
-        args.text_value = read_text(args.text, UsageError)
+        args.text_value = read_text(args.text)
 
 
-def run(args, UsageError) -> int:
+def run(args) -> int:
     import torch
 
-    from .benchmark import (
+    from ..benchmark import (
         CHECKPOINTS,
         DENSE_CHECKPOINTS,
         checkpoints_for,
@@ -44,10 +90,9 @@ def run(args, UsageError) -> int:
         run_checkpoints,
         run_recompute,
     )
-    from .engine import Engine
-    from .eval.cli import _finish, _model, _text_ids
+    from ..engine import Engine
 
-    model, tok = _model(args, UsageError, args.attn)
+    model, tok = load_model_for(args, args.attn)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if "recompute" in args.compare_list and max_pos and max(args.caches) > max_pos:
         raise UsageError(f"--recompute-caches: {max(args.caches)} is past the model's {max_pos} positions")
@@ -58,11 +103,11 @@ def run(args, UsageError) -> int:
         + ([dense_to] if "dense" in args.compare_list else [])
         + ([max(args.caches) + 65 + args.measure] if "recompute" in args.compare_list else [])
     )
-    ids, source = _text_ids(args, tok, UsageError, need)
+    ids, source = text_ids(args, tok, need)
     if len(ids) < need:
         raise UsageError(f"the text has {len(ids)} tokens, fewer than the {need} this run needs")
     progress = not args.no_progress
-    name = args.model or "smollm2-135m"
+    name = model_name(args)
     result = {
         "command": "bench decode",
         "model": name,
@@ -131,4 +176,4 @@ def run(args, UsageError) -> int:
                 f"ratio {r['ratio']:.1f}x",
                 file=sys.stderr,
             )
-    return _finish(result, out, args)
+    return finish(result, out, args)

@@ -1,11 +1,12 @@
-"""``sinkstream train``: options, their checks, and the run (see ``train.py``)."""
+"""``sinkstream train``: pre-training with a sink token (vanilla, learnable sink, zero sink)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .train import SINK_MODES, TrainConfig
+from ..train import SINK_MODES, TrainConfig
+from .options import UsageError, read_text
 
 DEFAULTS = TrainConfig()
 
@@ -59,7 +60,7 @@ def add_parser(sub) -> None:
     t.add_argument("--json", action="store_true", help="print only the JSON summary line")
 
 
-def validate(args, UsageError) -> None:
+def validate(args) -> None:
     args.train_config = TrainConfig(**{k: getattr(args, k) for k in vars(DEFAULTS) if hasattr(args, k)})
     try:
         args.train_config.check()
@@ -73,12 +74,11 @@ def validate(args, UsageError) -> None:
         raise UsageError("--eval-text goes with --text")
 
 
-def _texts(args, UsageError) -> tuple[str, str]:
-    from .eval.cli import read_text
+def _texts(args) -> tuple[str, str]:
 
     if args.text is not None:
-        return read_text(args.text, UsageError), read_text(args.eval_text, UsageError)
-    from .eval.data import gutenberg_books, gutenberg_text
+        return read_text(args.text), read_text(args.eval_text)
+    from ..eval.data import gutenberg_books, gutenberg_text
 
     books = gutenberg_books()
     if args.eval_book not in books:
@@ -87,14 +87,14 @@ def _texts(args, UsageError) -> tuple[str, str]:
     return train_text, gutenberg_text(book=args.eval_book)
 
 
-def run(args, UsageError) -> int:
+def run(args) -> int:
     import torch
 
-    from .train import train
+    from ..train import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_text, eval_text = _texts(args, UsageError)
+    train_text, eval_text = _texts(args)
     try:
         source = str(Path(args.eval_text).resolve()) if args.text else f"gutenberg:{args.eval_book}"
         summary = train(

