@@ -157,8 +157,8 @@ def _move_to_offset(cache: SinkCache, offset: int) -> None:
     for layer in cache.layers:
         win = layer.keys[:, :, layer.n_sink :]
         win.copy_(layer.rope.shift(win, offset))
-    for track in cache.tracks.values():
-        for r in track.rows:
+    for counters in cache.counters.values():
+        for r in counters.rows:
             r.seen += offset
             r.sink_delta = None  # the next step re-places the sinks
 

@@ -29,7 +29,7 @@ Batches. Every row of a batch has its own counters: rows may hold streams of dif
 different lengths must feed one token per row and pass ``cache.position_ids()`` and
 ``cache.attention_mask()``; the engine does.
 
-The bookkeeping of a layer kind (``Track``) is advanced once per forward, by the first layer of that
+The bookkeeping of a layer kind (``LayoutCounters``) is advanced once per forward, by the first layer of that
 kind; the other layers reuse its plan, so per-layer Python work is a few tensor writes.
 """
 
@@ -50,8 +50,8 @@ class Row:
 
     seen: int = 0  # tokens seen (unbounded)
     shift: int = 0  # rotary position = text index - shift
-    n_sk: int = 0  # sinks stored
-    n_win: int = 0  # window tokens stored
+    n_sinks: int = 0  # sinks stored
+    n_window: int = 0  # window tokens stored
     head: int = 0  # ring layouts: ring slot of the oldest window token
     start: int = 0  # alibi layout: slot of the oldest window token
     sink_pos: int = 0  # rotary position the first sink was computed at
@@ -74,7 +74,7 @@ class DecodeStep:
 
 
 @dataclass
-class Plan:
+class ForwardPlan:
     """What every layer of a kind does in one forward (computed once, by the first layer)."""
 
     q: int
@@ -91,12 +91,12 @@ class Plan:
     sin: torch.Tensor | None = None
     compact: list[tuple[int, int, int]] = field(default_factory=list)  # alibi: (row, src, count)
     # chunk (all rows alike)
-    take: int = 0  # tokens that become sinks
+    to_sinks: int = 0  # tokens that become sinks
     kept: int = 0  # old window tokens kept
     old: Row | None = None  # the rows' counters before the chunk
 
 
-class Track:
+class LayoutCounters:
     """Per-row counters shared by the layers of one kind; advanced once per forward."""
 
     def __init__(self, kind: str, n_sink: int, window: int, rope: Rope | None):
@@ -107,7 +107,7 @@ class Track:
     def reset(self) -> None:
         self.rows: list[Row] = []
         self.step = 0
-        self.plan: Plan | None = None
+        self.plan: ForwardPlan | None = None
 
     # -- views of the state ---------------------------------------------------------------------
     def uniform(self) -> bool:
@@ -116,10 +116,10 @@ class Track:
     def span(self, r: Row) -> tuple[int, int]:
         """Slots [lo, hi) holding row r's tokens (ring layouts: some slots may be of other rows' size)."""
         if self.kind != "alibi":
-            return 0, r.n_sk + r.n_win
-        if r.n_sk < self.n_sink or r.n_win == 0:
-            return 0, r.n_sk
-        return r.start - self.n_sink, r.start + r.n_win
+            return 0, r.n_sinks + r.n_window
+        if r.n_sinks < self.n_sink or r.n_window == 0:
+            return 0, r.n_sinks
+        return r.start - self.n_sink, r.start + r.n_window
 
     def view(self, rows: list[Row]) -> tuple[int, int]:
         spans = [self.span(r) for r in rows]
@@ -131,7 +131,7 @@ class Track:
         if self.kind == "alibi":
             a, b = self.span(r)
             return (idx >= a) & (idx < b)
-        return (idx < r.n_sk) | ((idx >= self.n_sink) & (idx < self.n_sink + r.n_win))
+        return (idx < r.n_sinks) | ((idx >= self.n_sink) & (idx < self.n_sink + r.n_window))
 
     def after(self, q: int) -> list[Row]:
         """The rows' counters after feeding q tokens to each (pure)."""
@@ -158,7 +158,7 @@ class Track:
                 "and attention_mask=cache.attention_mask() (sinkstream's engine does)"
             )
         if self.kind == "sliding":
-            kv = max(min(r.n_win, self.window - 1) for r in self.rows) + q
+            kv = max(min(r.n_window, self.window - 1) for r in self.rows) + q
         else:
             lo, hi = self.view(self.after(q))
             kv = hi - lo
@@ -167,8 +167,8 @@ class Track:
     # -- advancing ----------------------------------------------------------------------------
     def split(self, r: Row, q: int) -> tuple[int, int]:
         """How many of q new tokens become sinks, and how many enter the window."""
-        take = min(q, self.n_sink - r.n_sk)
-        return take, q - take
+        to_sinks = min(q, self.n_sink - r.n_sinks)
+        return to_sinks, q - to_sinks
 
     def _check_chunk(self, q: int) -> None:
         if q == 1:
@@ -186,43 +186,43 @@ class Track:
 
     def _advance_row(self, r: Row, q: int) -> tuple[int, int]:
         """Update r for q new tokens; return (kept old window tokens, alibi compaction source or -1)."""
-        take, w = self.split(r, q)
-        if take and r.n_sk == 0:
+        to_sinks, w = self.split(r, q)
+        if to_sinks and r.n_sinks == 0:
             r.sink_pos = r.seen - r.shift
             r.start = self.n_sink
-        r.n_sk += take
+        r.n_sinks += to_sinks
         r.seen += q
         src = -1
         if self.kind == "sliding":
-            kept = min(r.n_win, self.window - 1) if q > 1 else r.n_win
-            if q == 1 and r.n_win == self.window:
+            kept = min(r.n_window, self.window - 1) if q > 1 else r.n_window
+            if q == 1 and r.n_window == self.window:
                 r.head = (r.head + 1) % self.window
             else:
-                r.n_win, r.head = min(self.window, kept + w), (r.head if q == 1 else 0)
+                r.n_window, r.head = min(self.window, kept + w), (r.head if q == 1 else 0)
             return kept, src
-        kept = min(r.n_win, self.window - w)
+        kept = min(r.n_window, self.window - w)
         if self.kind == "alibi":
-            r.start += r.n_win - kept
+            r.start += r.n_window - kept
             if w and r.start + kept + w > self.cap:
                 src, r.start = r.start, self.n_sink
-            r.n_win = kept + w
+            r.n_window = kept + w
             return kept, src
-        if q == 1 and w and r.n_win == self.window:
+        if q == 1 and w and r.n_window == self.window:
             r.head = (r.head + 1) % self.window
         elif q == 1:
-            r.n_win += w
+            r.n_window += w
         else:
-            r.head, r.n_win = 0, kept + w
+            r.head, r.n_window = 0, kept + w
         return kept, src
 
     def sink_target(self, r: Row) -> int | None:
         """Rotation that puts r's sinks right before its oldest window key (None: nothing to place)."""
-        if r.n_win == 0 or r.n_sk == 0:
+        if r.n_window == 0 or r.n_sinks == 0:
             return None
-        oldest = r.seen - r.n_win - r.shift
-        return oldest - r.n_sk - r.sink_pos
+        oldest = r.seen - r.n_window - r.shift
+        return oldest - r.n_sinks - r.sink_pos
 
-    def plan_for(self, layer: SinkLayer, batch: int, q: int) -> Plan:
+    def plan_for(self, layer: SinkLayer, batch: int, q: int) -> ForwardPlan:
         if layer.step == self.step:  # the first layer of this kind in this forward
             if not self.rows:
                 self.rows = [Row() for _ in range(batch)]
@@ -232,11 +232,11 @@ class Track:
         layer.step = self.step
         return self.plan
 
-    def _advance(self, q: int, device) -> Plan:
-        plan = Plan(q)
+    def _advance(self, q: int, device) -> ForwardPlan:
+        plan = ForwardPlan(q)
         if q > 1:
             plan.old = copy.copy(self.rows[0])
-            plan.take = self.split(plan.old, q)[0]
+            plan.to_sinks = self.split(plan.old, q)[0]
         slots, moved, deltas = [], [], []
         for b, r in enumerate(self.rows):
             before = copy.copy(r)
@@ -244,7 +244,7 @@ class Track:
             plan.kept = kept
             if q == 1:
                 slots.append(self._slot_of_new(before, r))
-                if before.n_sk < self.n_sink:
+                if before.n_sinks < self.n_sink:
                     plan.sink_rows.append(b)
             if src >= 0:
                 plan.compact.append((b, src, kept))
@@ -254,7 +254,7 @@ class Track:
                     moved.append(b)
                     deltas.append(target)
                     r.sink_delta = target
-            elif self.kind == "alibi" and r.n_sk and r.n_win and self.span(r)[0] != self.span(before)[0] and src < 0:
+            elif self.kind == "alibi" and r.n_sinks and r.n_window and self.span(r)[0] != self.span(before)[0] and src < 0:
                 moved.append(b)
         plan.kv_lo, plan.kv_hi = self.view(self.rows)
         if q == 1:
@@ -272,48 +272,55 @@ class Track:
 
     def _slot_of_new(self, before: Row, after: Row) -> int:
         """Slot of the one token a decode step wrote for a row (after its counters moved)."""
-        if before.n_sk < self.n_sink:
-            return before.n_sk
+        if before.n_sinks < self.n_sink:
+            return before.n_sinks
         if self.kind == "alibi":
-            return after.start + after.n_win - 1
+            return after.start + after.n_window - 1
         if self.kind == "sliding":
-            return (before.head + before.n_win) % self.window if before.n_win < self.window else before.head
-        if before.n_win < self.window:
-            return self.n_sink + (before.head + before.n_win) % self.window
+            return (before.head + before.n_window) % self.window if before.n_window < self.window else before.head
+        if before.n_window < self.window:
+            return self.n_sink + (before.head + before.n_window) % self.window
         return self.n_sink + before.head
 
 
 class SinkLayer(CacheLayerMixin):
-    """One attention layer's sinks + window (its counters live in the shared ``Track``)."""
+    """One attention layer's sinks + window (its counters live in the shared ``LayoutCounters``).
+    What differs by layout — where a chunk's window goes, how sinks are placed, the order of the
+    cached tokens — is each subclass's: ``RingLayer``, ``SlidingLayer``, ``AlibiLayer``."""
 
     is_compileable = False
     is_croppable = False
+    is_sliding = False
 
-    def __init__(self, track: Track, kv_dtype: torch.dtype | None = None):
+    def __init__(self, counters: LayoutCounters, kv_dtype: torch.dtype | None = None):
         super().__init__()
-        self.track, self.kv_dtype = track, kv_dtype
-        self.is_sliding = track.kind == "sliding"
+        self.counters, self.kv_dtype = counters, kv_dtype
         self.step = 0
+
+    @staticmethod
+    def for_layout(counters: LayoutCounters, kv_dtype: torch.dtype | None = None) -> SinkLayer:
+        layer = {"rope": RingLayer, "sliding": SlidingLayer, "alibi": AlibiLayer}[counters.kind]
+        return layer(counters, kv_dtype)
 
     @property
     def n_sink(self) -> int:
-        return self.track.n_sink
+        return self.counters.n_sink
 
     @property
     def window(self) -> int:
-        return self.track.window
+        return self.counters.window
 
     @property
     def rope(self) -> Rope | None:
-        return self.track.rope
+        return self.counters.rope
 
     # -- transformers layer API ---------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
         kw = {"dtype": self.dtype}
-        self.keys = key_states.new_zeros((b, h, self.track.cap, d), **kw)  # [B, Hkv, cap, D]
-        self.values = value_states.new_zeros((b, h, self.track.cap, value_states.shape[-1]), **kw)
+        self.keys = key_states.new_zeros((b, h, self.counters.cap, d), **kw)  # [B, Hkv, cap, D]
+        self.values = value_states.new_zeros((b, h, self.counters.cap, value_states.shape[-1]), **kw)
         self.sink_keys = key_states.new_zeros((b, h, self.n_sink, d), **kw)  # as computed, never re-rotated
         self.sink_values = value_states.new_zeros((b, h, self.n_sink, value_states.shape[-1]), **kw)
         self.is_initialized = True
@@ -321,11 +328,8 @@ class SinkLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        plan = self.track.plan_for(self, key_states.shape[0], key_states.shape[-2])
-        for b, src, n in plan.compact:  # alibi: the block reached the end of the buffer: move it to the front
-            for t, sinks in ((self.keys, self.sink_keys), (self.values, self.sink_values)):
-                t[b, :, self.n_sink : self.n_sink + n] = t[b, :, src : src + n].clone()
-                t[b, :, : self.n_sink] = sinks[b]
+        plan = self.counters.plan_for(self, key_states.shape[0], key_states.shape[-2])
+        self._before_write(plan)
         if plan.q > 1:
             out = self._write_chunk(plan, key_states, value_states)
             if out is not None:
@@ -340,24 +344,24 @@ class SinkLayer(CacheLayerMixin):
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.track.mask_sizes(query_length)
+        return self.counters.mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
-        return self.track.seq_length()
+        return self.counters.seq_length()
 
     def get_max_length(self) -> int:
-        return self.track.cap
+        return self.counters.cap
 
     def reset(self) -> None:
         super().__init__()
-        self.track.reset()
+        self.counters.reset()
         self.step = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SinkCache cannot be cropped: evicted tokens are gone")
 
     # -- writes -------------------------------------------------------------------------------
-    def _write_one(self, plan: Plan, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write_one(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         if plan.slot is not None:
             self.keys[:, :, plan.slot] = k[:, :, 0]
             self.values[:, :, plan.slot] = v[:, :, 0]
@@ -370,59 +374,23 @@ class SinkLayer(CacheLayerMixin):
             self.sink_keys[b, :, s] = k[b, :, 0]
             self.sink_values[b, :, s] = v[b, :, 0]
 
-    def _in_order(self, t: torch.Tensor, old: Row) -> torch.Tensor:
-        """The window of a ring layout (all rows alike), oldest first."""
-        base = self.n_sink if self.track.kind == "rope" else 0
-        win = t[:, :, base : base + self.window]
-        if old.head:
-            win = torch.cat([win[:, :, old.head :], win[:, :, : old.head]], dim=-2)
-        return win[:, :, : old.n_win]
+    def _before_write(self, plan: ForwardPlan) -> None:
+        """What a layout must do to its buffers before this forward's keys are written."""
 
-    def _write_chunk(self, plan: Plan, k: torch.Tensor, v: torch.Tensor):
+    def _write_chunk(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
         """Append a chunk (all rows alike). Returns the keys/values to attend to when they are not a view."""
-        old, take, kept, kind = plan.old, plan.take, plan.kept, self.track.kind
-        if take:
+        old, to_sinks = plan.old, plan.to_sinks
+        if to_sinks:
             for t, new in ((self.keys, k), (self.values, v), (self.sink_keys, k), (self.sink_values, v)):
-                t[:, :, old.n_sk : old.n_sk + take] = new[:, :, :take]
-        k, v = k[:, :, take:], v[:, :, take:]
-        w = k.shape[-2]
-        if not w:
-            return None
-        if kind == "alibi":
-            r = self.track.rows[0]
-            end = r.start + r.n_win
-            self.keys[:, :, end - w : end] = k
-            self.values[:, :, end - w : end] = v
-            return None
-        new_k = torch.cat([self._in_order(self.keys, old)[:, :, old.n_win - kept :], k], dim=-2)
-        new_v = torch.cat([self._in_order(self.values, old)[:, :, old.n_win - kept :], v], dim=-2)
-        if kind == "sliding":  # attend to window-1 old keys + the chunk; keep the last `window`
-            n = min(self.window, new_k.shape[-2])
-            self.keys[:, :, :n] = new_k[:, :, -n:]
-            self.values[:, :, :n] = new_v[:, :, -n:]
-            return new_k, new_v
-        self.keys[:, :, self.n_sink : self.n_sink + kept + w] = new_k
-        self.values[:, :, self.n_sink : self.n_sink + kept + w] = new_v
-        return None
+                t[:, :, old.n_sinks : old.n_sinks + to_sinks] = new[:, :, :to_sinks]
+        k, v = k[:, :, to_sinks:], v[:, :, to_sinks:]
+        return self._append_window(plan, k, v) if k.shape[-2] else None
 
-    def _place_sinks(self, plan: Plan) -> None:
-        """RoPE: rotate the sinks of the moved rows right before their oldest window key.
-        ALiBi: copy the sinks right before the window's new start."""
-        if self.track.kind == "alibi":
-            for b in plan.moved:
-                lo = self.track.span(self.track.rows[b])[0]
-                self.keys[b, :, lo : lo + self.n_sink] = self.sink_keys[b]
-                self.values[b, :, lo : lo + self.n_sink] = self.sink_values[b]
-            return
-        if self.rope is None:
-            raise ValueError(
-                "SinkCache needs the model config to re-position sinks: SinkCache(..., config=model.config)"
-            )
-        if plan.rot_all:
-            self.keys[:, :, : self.n_sink] = self.rope.rotate(self.sink_keys, plan.cos, plan.sin)
-        else:
-            rows = plan.rot_rows
-            self.keys[rows, :, : self.n_sink] = self.rope.rotate(self.sink_keys[rows], plan.cos, plan.sin)
+    def _append_window(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
+        raise NotImplementedError
+
+    def _place_sinks(self, plan: ForwardPlan) -> None:
+        raise NotImplementedError
 
     # -- batch rows ---------------------------------------------------------------------------
     def _tensors(self) -> list[str]:
@@ -443,39 +411,133 @@ class SinkLayer(CacheLayerMixin):
         raise NotImplementedError("SinkCache does not support num_return_sequences > 1")
 
     def rotate_rows(self, amounts: list[int]) -> None:
-        """RoPE layouts: re-rotate each row's window by ``-amounts[b]`` and re-place its sinks."""
-        if not self.is_initialized:
-            return
-        rows = [b for b, a in enumerate(amounts) if a]
-        cos, sin = self.rope.cos_sin([-amounts[b] for b in rows], self.device)
-        base = self.n_sink if self.track.kind == "rope" else 0
-        idx = torch.tensor(rows, device=self.device)
-        win = self.keys[idx, :, base : base + self.window]
-        self.keys[idx, :, base : base + self.window] = self.rope.rotate(win, cos, sin)
-        if self.track.kind == "rope" and self.n_sink:
-            deltas = [self.track.sink_target(self.track.rows[b]) or 0 for b in rows]
-            cos, sin = self.rope.cos_sin(deltas, self.device)
-            self.keys[idx, :, : self.n_sink] = self.rope.rotate(self.sink_keys[idx], cos, sin)
+        """Re-rotate each row's keys by ``-amounts[b]`` (a rebase); layouts without positions ignore it."""
 
     def contents(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, positions) of one row's cached tokens in cache order: sinks, then the window
         oldest first. Keys are as attention sees them (sinks re-positioned). Positions are rotary
         positions (RoPE) or key indices (ALiBi)."""
-        r, t = self.track.rows[row], self.track
-        if t.kind == "alibi":
-            lo, hi = t.span(r)
-            return self.keys[row : row + 1, :, lo:hi], self.values[row : row + 1, :, lo:hi], torch.arange(hi - lo)
-        base = self.n_sink if t.kind == "rope" else 0
-        order = [(r.head + i) % self.window + base for i in range(r.n_win)]
-        idx = torch.tensor(list(range(r.n_sk)) + order, dtype=torch.long, device=self.device)
+        raise NotImplementedError
+
+
+class RingLayer(SinkLayer):
+    """Full-attention RoPE layers: the sinks in slots [0, n_sink), re-rotated to sit right before the
+    oldest window key; the window a ring buffer after them, keys never re-rotated on a step."""
+
+    @property
+    def window_base(self) -> int:  # the ring's first slot
+        return self.n_sink
+
+    def _in_order(self, t: torch.Tensor, old: Row) -> torch.Tensor:
+        """The window (all rows alike), oldest first."""
+        win = t[:, :, self.window_base : self.window_base + self.window]
+        if old.head:
+            win = torch.cat([win[:, :, old.head :], win[:, :, : old.head]], dim=-2)
+        return win[:, :, : old.n_window]
+
+    def _joined(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept old window keys/values followed by the chunk's."""
+        old, kept = plan.old, plan.kept
+        new_k = torch.cat([self._in_order(self.keys, old)[:, :, old.n_window - kept :], k], dim=-2)
+        new_v = torch.cat([self._in_order(self.values, old)[:, :, old.n_window - kept :], v], dim=-2)
+        return new_k, new_v
+
+    def _append_window(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
+        new_k, new_v = self._joined(plan, k, v)  # laid out in order, so the chunk's causal mask holds
+        n = plan.kept + k.shape[-2]
+        self.keys[:, :, self.n_sink : self.n_sink + n] = new_k
+        self.values[:, :, self.n_sink : self.n_sink + n] = new_v
+        return None
+
+    def _place_sinks(self, plan: ForwardPlan) -> None:
+        """Rotate the sinks of the moved rows, from their stored originals, to right before their oldest
+        window key."""
+        if self.rope is None:
+            raise ValueError(
+                "SinkCache needs the model config to re-position sinks: SinkCache(..., config=model.config)"
+            )
+        if plan.rot_all:
+            self.keys[:, :, : self.n_sink] = self.rope.rotate(self.sink_keys, plan.cos, plan.sin)
+        else:
+            rows = plan.rot_rows
+            self.keys[rows, :, : self.n_sink] = self.rope.rotate(self.sink_keys[rows], plan.cos, plan.sin)
+
+    def rotate_rows(self, amounts: list[int]) -> None:
+        """Re-rotate each row's window by ``-amounts[b]`` and re-place its sinks."""
+        if not self.is_initialized:
+            return
+        rows = [b for b, a in enumerate(amounts) if a]
+        cos, sin = self.rope.cos_sin([-amounts[b] for b in rows], self.device)
+        base, idx = self.window_base, torch.tensor(rows, device=self.device)
+        win = self.keys[idx, :, base : base + self.window]
+        self.keys[idx, :, base : base + self.window] = self.rope.rotate(win, cos, sin)
+        if self.n_sink:
+            deltas = [self.counters.sink_target(self.counters.rows[b]) or 0 for b in rows]
+            cos, sin = self.rope.cos_sin(deltas, self.device)
+            self.keys[idx, :, : self.n_sink] = self.rope.rotate(self.sink_keys[idx], cos, sin)
+
+    def contents(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r, t = self.counters.rows[row], self.counters
+        order = [(r.head + i) % self.window + self.window_base for i in range(r.n_window)]
+        idx = torch.tensor(list(range(r.n_sinks)) + order, dtype=torch.long, device=self.device)
         k, v = self.keys[row : row + 1, :, idx], self.values[row : row + 1, :, idx]  # copies
         target = t.sink_target(r)
-        if t.kind == "rope" and r.n_sk and r.sink_delta != target:  # sinks left as computed by a fused step
-            k[:, :, : r.n_sk] = self.rope.shift(self.sink_keys[row : row + 1, :, : r.n_sk], target or 0)
-        oldest = r.seen - r.n_win - r.shift
-        first_sink = oldest - r.n_sk if r.n_win else r.sink_pos
-        pos = torch.cat([torch.arange(r.n_sk) + first_sink, torch.arange(r.n_win) + oldest])
+        if r.n_sinks and r.sink_delta != target:  # sinks left as computed by a fused step
+            k[:, :, : r.n_sinks] = self.rope.shift(self.sink_keys[row : row + 1, :, : r.n_sinks], target or 0)
+        oldest = r.seen - r.n_window - r.shift
+        first_sink = oldest - r.n_sinks if r.n_window else r.sink_pos
+        pos = torch.cat([torch.arange(r.n_sinks) + first_sink, torch.arange(r.n_window) + oldest])
         return k, v, pos
+
+
+class SlidingLayer(RingLayer):
+    """The sliding-window layers of hybrid models (Gemma 3, gpt-oss): a ring of the model's own
+    ``sliding_window`` keys and no sinks, since the model never attends further back anyway."""
+
+    is_sliding = True
+
+    @property
+    def window_base(self) -> int:
+        return 0
+
+    def _append_window(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
+        """The chunk attends to window - 1 old keys and itself; the last ``window`` are kept."""
+        new_k, new_v = self._joined(plan, k, v)
+        n = min(self.window, new_k.shape[-2])
+        self.keys[:, :, :n] = new_k[:, :, -n:]
+        self.values[:, :, :n] = new_v[:, :, -n:]
+        return new_k, new_v
+
+
+class AlibiLayer(SinkLayer):
+    """ALiBi layers (MPT, BLOOM), whose bias is read off the key *index*: each row's sinks and window
+    are kept contiguous and in order. Evicting the oldest window key moves the window's start by one
+    slot and the sinks are copied right before it; at the end of the ``n_sink + 2 * window`` buffer
+    the block moves back to the front (amortized O(1))."""
+
+    def _before_write(self, plan: ForwardPlan) -> None:
+        for b, src, n in plan.compact:  # the block reached the end of the buffer: move it to the front
+            for t, sinks in ((self.keys, self.sink_keys), (self.values, self.sink_values)):
+                t[b, :, self.n_sink : self.n_sink + n] = t[b, :, src : src + n].clone()
+                t[b, :, : self.n_sink] = sinks[b]
+
+    def _append_window(self, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
+        r = self.counters.rows[0]
+        end = r.start + r.n_window
+        self.keys[:, :, end - k.shape[-2] : end] = k
+        self.values[:, :, end - k.shape[-2] : end] = v
+        return None
+
+    def _place_sinks(self, plan: ForwardPlan) -> None:
+        """Copy the moved rows' sinks right before their window's new start."""
+        for b in plan.moved:
+            lo = self.counters.span(self.counters.rows[b])[0]
+            self.keys[b, :, lo : lo + self.n_sink] = self.sink_keys[b]
+            self.values[b, :, lo : lo + self.n_sink] = self.sink_values[b]
+
+    def contents(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lo, hi = self.counters.span(self.counters.rows[row])
+        return self.keys[row : row + 1, :, lo:hi], self.values[row : row + 1, :, lo:hi], torch.arange(hi - lo)
 
 
 class SinkCache(Cache):
@@ -506,16 +568,16 @@ class SinkCache(Cache):
             )
         self.n_sink, self.window, self.config, self.kv_dtype = n_sink, window, config, kv_dtype
         kinds = layer_kinds(config, n_sink + window)
-        self.tracks: dict[str, Track] = {}
+        self.counters: dict[str, LayoutCounters] = {}
         for kind in dict.fromkeys(kinds):
             if kind == "sliding":
-                self.tracks[kind] = Track(kind, 0, config.sliding_window, rope_for(config, "sliding_attention"))
+                self.counters[kind] = LayoutCounters(kind, 0, config.sliding_window, rope_for(config, "sliding_attention"))
             elif kind == "alibi":
-                self.tracks[kind] = Track(kind, n_sink, window, None)
+                self.counters[kind] = LayoutCounters(kind, n_sink, window, None)
             else:
-                self.tracks[kind] = Track(kind, n_sink, window, rope_for(config, "full_attention"))
-        super().__init__(layers=[SinkLayer(self.tracks[k], kv_dtype) for k in kinds])
-        self.main = self.tracks["alibi" if "alibi" in self.tracks else "rope"]
+                self.counters[kind] = LayoutCounters(kind, n_sink, window, rope_for(config, "full_attention"))
+        super().__init__(layers=[SinkLayer.for_layout(self.counters[k], kv_dtype) for k in kinds])
+        self.main = self.counters["alibi" if "alibi" in self.counters else "rope"]
 
     @classmethod
     def for_model(cls, model, n_sink: int = 4, window: int = 1020, kv_dtype: torch.dtype | None = None) -> SinkCache:
@@ -532,7 +594,7 @@ class SinkCache(Cache):
 
     @property
     def cached_per_row(self) -> list[int]:
-        return [r.n_sk + r.n_win for r in self.main.rows]
+        return [r.n_sinks + r.n_window for r in self.main.rows]
 
     @property
     def tokens_seen(self) -> int:
@@ -554,10 +616,10 @@ class SinkCache(Cache):
         """The mask of a one-token-per-row step: a 4D additive mask [B, 1, 1, kv] (a dict per layer type
         for hybrid models; a 2D [B, kv] padding mask for ALiBi models, which build their bias from it)."""
         masks = {}
-        for kind, track in self.tracks.items():
-            rows = track.after(1)
-            lo, hi = track.view(rows)
-            valid = torch.stack([track.valid(r, lo, hi) for r in rows]).to(device)
+        for kind, counters in self.counters.items():
+            rows = counters.after(1)
+            lo, hi = counters.view(rows)
+            valid = torch.stack([counters.valid(r, lo, hi) for r in rows]).to(device)
             if kind == "alibi":
                 return valid.long()
             m = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, torch.finfo(dtype).min)
@@ -577,8 +639,8 @@ class SinkCache(Cache):
             if not all(layer.is_initialized for layer in c.layers):
                 raise ValueError("stacked caches must each have seen at least one token")
         out = cls(first.n_sink, first.window, config=first.config, kv_dtype=first.kv_dtype)
-        for kind, track in out.tracks.items():
-            track.rows = [copy.copy(r) for c in caches for r in c.tracks[kind].rows]
+        for kind, counters in out.counters.items():
+            counters.rows = [copy.copy(r) for c in caches for r in c.counters[kind].rows]
         for i, layer in enumerate(out.layers):
             src = [c.layers[i] for c in caches]
             layer.dtype, layer.device, layer.is_initialized = src[0].dtype, src[0].device, True
@@ -591,9 +653,9 @@ class SinkCache(Cache):
         if not rows:
             raise ValueError("nothing to extract")
         out = SinkCache(self.n_sink, self.window, config=self.config, kv_dtype=self.kv_dtype)
-        for kind, track in out.tracks.items():
-            track.rows = [copy.copy(self.tracks[kind].rows[b]) for b in rows]
-            track.step = self.tracks[kind].step
+        for kind, counters in out.counters.items():
+            counters.rows = [copy.copy(self.counters[kind].rows[b]) for b in rows]
+            counters.step = self.counters[kind].step
         for src, layer in zip(self.layers, out.layers):
             if src.is_initialized:
                 idx = torch.tensor(rows, dtype=torch.long, device=src.device)
@@ -605,8 +667,8 @@ class SinkCache(Cache):
     def select_rows(self, rows: list[int]) -> None:
         """Keep only the given rows (in that order): finished streams leave a batch."""
         idx = torch.tensor(rows, dtype=torch.long)
-        for track in self.tracks.values():
-            track.rows = [copy.copy(track.rows[b]) for b in rows]
+        for counters in self.counters.values():
+            counters.rows = [copy.copy(counters.rows[b]) for b in rows]
         for layer in self.layers:
             layer.select_rows(idx)
 
@@ -625,7 +687,7 @@ class SinkCache(Cache):
             "window": self.window,
             "kv_dtype": None if self.kv_dtype is None else str(self.kv_dtype).removeprefix("torch."),
             "model_type": getattr(self.config, "model_type", None),
-            "tracks": {k: {"step": t.step, "rows": [dict(vars(r)) for r in t.rows]} for k, t in self.tracks.items()},
+            "counters": {k: {"step": t.step, "rows": [dict(vars(r)) for r in t.rows]} for k, t in self.counters.items()},
         }
         return tensors, meta
 
@@ -638,11 +700,11 @@ class SinkCache(Cache):
             raise ValueError(f"snapshot is of a {meta.get('model_type')} model, not {config.model_type}")
         kv = meta.get("kv_dtype")
         out = cls(meta["n_sink"], meta["window"], config=config, kv_dtype=getattr(torch, kv) if kv else None)
-        if set(meta["tracks"]) != set(out.tracks):
+        if set(meta["counters"]) != set(out.counters):
             raise ValueError("snapshot layer kinds do not match this model")
-        for kind, t in meta["tracks"].items():
-            out.tracks[kind].rows = [Row(**r) for r in t["rows"]]
-            out.tracks[kind].step = t["step"]
+        for kind, t in meta["counters"].items():
+            out.counters[kind].rows = [Row(**r) for r in t["rows"]]
+            out.counters[kind].step = t["step"]
         for i, layer in enumerate(out.layers):
             names = [f"layers.{i}.{n}" for n in layer._tensors()]
             if not all(n in tensors for n in names):
@@ -650,7 +712,7 @@ class SinkCache(Cache):
             for name, key in zip(layer._tensors(), names):
                 setattr(layer, name, tensors[key].to(device=device, copy=True))  # own, aligned memory
             layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
-            layer.is_initialized, layer.step = True, layer.track.step
+            layer.is_initialized, layer.step = True, layer.counters.step
         return out
 
     # -- one-token steps written by a fused decoder ------------------------------------------------
@@ -658,27 +720,27 @@ class SinkCache(Cache):
         """Advance every row by one token and say where it goes (see ``DecodeStep``); the caller writes
         the keys. The sink slots of ``keys`` are then left as computed (``sink_delta`` None): a later
         transformers forward re-places them, a fused step reads ``sink_keys`` instead."""
-        if set(self.tracks) != {"rope"}:
+        if set(self.counters) != {"rope"}:
             raise ValueError("advance_decode is for caches whose layers are all RoPE sink layers")
-        track = self.tracks["rope"]
+        counters = self.counters["rope"]
         step = DecodeStep([], [], [], [])
-        for r in track.rows:
+        for r in counters.rows:
             before = copy.copy(r)
             step.positions.append(r.seen - r.shift)
-            track._advance_row(r, 1)
-            step.slots.append(track._slot_of_new(before, r))
-            step.sink_positions.append(step.positions[-1] - (track.sink_target(r) or 0))
-            step.lengths.append(self.n_sink + r.n_win if r.n_win else r.n_sk)
+            counters._advance_row(r, 1)
+            step.slots.append(counters._slot_of_new(before, r))
+            step.sink_positions.append(step.positions[-1] - (counters.sink_target(r) or 0))
+            step.lengths.append(self.n_sink + r.n_window if r.n_window else r.n_sinks)
             r.sink_delta = None
-        track.step += 1
+        counters.step += 1
         for layer in self.layers:
-            layer.step = track.step
+            layer.step = counters.step
         return step
 
     def init_rows(self, batch: int, heads: int, head_dim: int, dtype, device) -> None:
         """Allocate empty buffers for ``batch`` rows (what the first transformers forward would do)."""
-        for track in self.tracks.values():
-            track.rows = [Row() for _ in range(batch)]
+        for counters in self.counters.values():
+            counters.rows = [Row() for _ in range(batch)]
         for layer in self.layers:
             layer.lazy_initialization(
                 torch.empty(batch, heads, 1, head_dim, dtype=dtype, device=device),
@@ -688,22 +750,22 @@ class SinkCache(Cache):
     def rebase_due(self, q: int) -> bool:
         """Whether feeding ``q`` more tokens would take positions past ``n_sink + 2 * window``: the bound
         sinkstream keeps RoPE angles under (one window re-rotation per ~window tokens, amortized O(1))."""
-        return "rope" in self.tracks and self.get_seq_length() + q > self.n_sink + 2 * self.window
+        return "rope" in self.counters and self.get_seq_length() + q > self.n_sink + 2 * self.window
 
     def rebase(self) -> int:
         """Re-rotate every row's window once so its positions restart at ``n_sink``; returns the largest
         shift. RoPE only (ALiBi has no positions to rebase). Not for use under ``generate``."""
-        if "rope" not in self.tracks:
+        if "rope" not in self.counters:
             return 0
-        main = self.tracks["rope"]
-        amounts = [max(0, r.seen - r.n_win - r.shift - r.n_sk) if r.n_win else 0 for r in main.rows]
+        main = self.counters["rope"]
+        amounts = [max(0, r.seen - r.n_window - r.shift - r.n_sinks) if r.n_window else 0 for r in main.rows]
         if not any(amounts):
             return 0
-        for track in self.tracks.values():
-            for r, a in zip(track.rows, amounts):
+        for counters in self.counters.values():
+            for r, a in zip(counters.rows, amounts):
                 r.shift += a
-                if track.kind == "rope":
-                    r.sink_delta = track.sink_target(r)
+                if counters.kind == "rope":
+                    r.sink_delta = counters.sink_target(r)
         for layer in self.layers:
             layer.rotate_rows(amounts)
         return max(amounts)
