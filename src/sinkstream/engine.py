@@ -100,9 +100,7 @@ def forward_stream(
     with the decode weight layout it is 1.2x MKL here (README, issue 6). Their shapes are few (one
     per weight and batch size), so oneDNN's per-shape primitive cache stays small; many-row prefill
     chunks of every length keep PyTorch's default kernels."""
-    rebased = False
-    if rebase and isinstance(cache, SinkCache) and cache.rebase_due(ids.shape[-1]):
-        rebased = cache.rebase() > 0
+    rebased = rebase and isinstance(cache, SinkCache) and cache.rebase_if_due(ids.shape[-1]) > 0
     if fused is not None and ids.shape[-1] == 1 and isinstance(cache, SinkCache):
         return fused.step(cache, ids[:, 0]), rebased
     kw = {}

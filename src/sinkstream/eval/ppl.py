@@ -63,8 +63,7 @@ def streaming_nll(
         device = next(model.parameters()).device
         cache = SinkCache(n_sink, window, config=model.config)
         for t in range(n - 1):
-            if cache.rebase_due(1):
-                cache.rebase()
+            cache.rebase_if_due(1)
             logits = model(ids[t : t + 1].to(device)[None], past_key_values=cache, use_cache=True).logits[0]
             out[t] = _nll_rows(logits, ids[t + 1 : t + 2].to(device))[0]
             bar.update(1)
