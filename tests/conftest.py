@@ -1,13 +1,9 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(1)  # tiny models: threads only add overhead
+from helpers import FAMILIES, tiny_model, tiny_tokenizer  # tests/ is on pytest's pythonpath (pyproject)
 
-from helpers import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
+torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
 @pytest.fixture(params=FAMILIES)

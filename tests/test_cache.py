@@ -222,24 +222,6 @@ def test_sdpa_and_eager_agree_past_the_window(family):
     torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=1e-4, rtol=0)
 
 
-def model_inv_freq(model, layer_type: str) -> torch.Tensor:
-    """The inverse frequencies the model's own rotary embedding uses for ``layer_type`` layers."""
-    bufs = {n.rsplit(".", 1)[-1]: b for n, b in model.named_buffers() if "rotary_emb" in n}
-    return bufs.get(f"{layer_type}_inv_freq", bufs.get("inv_freq"))
-
-
-def test_rope_matches_the_models_rotary_embedding(family):
-    from sinkstream.positions import ALIBI_FAMILIES, rope_for
-
-    model = tiny_model(family, layers=2)
-    if model.config.model_type in ALIBI_FAMILIES:
-        assert model_inv_freq(model, "full_attention") is None
-        return
-    for layer_type in set(getattr(model.config, "layer_types", None) or ["full_attention"]):
-        ours = rope_for(model.config, layer_type).inv_freq.float()
-        torch.testing.assert_close(ours, model_inv_freq(model, layer_type).float(), atol=0, rtol=1e-6)
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3", "mpt"])
 @torch.no_grad()
 def test_state_round_trip_continues_bitwise(family, tmp_path):
