@@ -361,47 +361,8 @@ def train(
         "held_out_loss": next((r["held_out_loss"] for r in reversed(rows) if "held_out_loss" in r), None),
         "model": str(out / "final"),
     }
+    from .plots import plot_losses
+
     plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def plot_losses(rows: list[dict], path: Path, title: str, seq: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not rows:
-        return
-    sink = [(r["step"], r["sink_head_mass"]) for r in rows if "sink_head_mass" in r]
-    fig, axes = plt.subplots(1, 2 if sink else 1, figsize=(12 if sink else 7, 4), squeeze=False)
-    ax = axes[0, 0]
-    steps = [r["step"] for r in rows]
-    losses = np.array([r["loss"] for r in rows])
-    k = max(1, len(losses) // 100)
-    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-    ax.plot(steps[k - 1 :], smooth, label="training loss")
-    held = [(r["step"], r["held_out_loss"]) for r in rows if "held_out_loss" in r]
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.legend()
-    if sink:
-        b = axes[0, 1]
-        at, mass = zip(*sink)
-        for layer, ys in enumerate(zip(*mass)):
-            b.plot(at, ys, "o-", ms=3, label=f"layer {layer}")
-        if seq:
-            uniform = np.mean([1 / (q + 1) for q in range(seq // 2, seq)])
-            b.axhline(float(uniform), color="grey", ls="--", lw=1, label="uniform attention")
-        b.set_xlabel("step")
-        b.set_ylabel("strongest head's mass on token 0 (late queries)")
-        b.set_yscale("log")
-        b.set_title("a sink forming?")
-        b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

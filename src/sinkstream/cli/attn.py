@@ -37,7 +37,8 @@ def validate(args) -> None:
 def run(args) -> int:
     import torch
 
-    from ..eval.attn import attention_maps, first_token_mass, plot_first_token, plot_maps
+    from ..eval.attn import attention_maps, first_token_mass
+    from ..plots import plot_first_token, plot_maps
 
     model, tok = load_model_for(args)
     if args.prompt is not None:

@@ -86,11 +86,11 @@ def run(args) -> int:
         DENSE_CHECKPOINTS,
         checkpoints_for,
         flat_in_turns,
-        plot,
         run_checkpoints,
         run_recompute,
     )
     from ..engine import Engine
+    from ..plots import plot_decode as plot
 
     model, tok = load_model_for(args, args.attn)
     max_pos = getattr(model.config, "max_position_embeddings", None)

@@ -165,8 +165,9 @@ def run_stability(args) -> int:
     import numpy as np
 
     from ..eval.data import gutenberg_dir
-    from ..eval.stability import book_ids, markdown, plot
+    from ..eval.stability import book_ids, markdown
     from ..eval.stability import run_stability as stability
+    from ..plots import plot_stability as plot
 
     model, tok = load_model_for(args, args.attn)
     texts = [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(gutenberg_dir().glob("*.txt"))]
@@ -204,9 +205,9 @@ def run_stability(args) -> int:
 
 def run_chat(args) -> int:
     from ..engine import Engine, SamplingParams
-    from ..eval.chatrun import plot_chat
     from ..eval.chatrun import run_chat as chat
     from ..eval.data import mt_bench_questions
+    from ..plots import plot_chat
 
     model, tok = load_model_for(args, args.attn)
     try:
@@ -265,8 +266,9 @@ def run_chat(args) -> int:
 
 def run_streameval(args) -> int:
     from ..engine import Engine
-    from ..eval.streameval import plot_accuracy, summarize
     from ..eval.streameval import run_streameval as stream
+    from ..eval.streameval import summarize
+    from ..plots import plot_accuracy
 
     model, tok = load_model_for(args, args.attn)
     engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=kv_dtype(args))
@@ -296,8 +298,9 @@ def run_streameval(args) -> int:
 def run_sweep(args) -> int:
     import torch
 
-    from ..eval.sweep import markdown, plot_sweep
+    from ..eval.sweep import markdown
     from ..eval.sweep import run_sweep as sweep
+    from ..plots import plot_sweep
 
     model, tok = load_model_for(args, args.attn)
     ids, source = text_ids(args, tok)
@@ -327,7 +330,8 @@ def run_ppl(args) -> int:
     import numpy as np
     import torch
 
-    from ..eval.ppl import perplexity, plot, run_method
+    from ..eval.ppl import perplexity, run_method
+    from ..plots import plot_ppl as plot
 
     model, tok = load_model_for(args, args.attn)
     ids, source = text_ids(args, tok)

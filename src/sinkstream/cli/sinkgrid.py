@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..eval.sinkgrid import MODES, evaluate, markdown, plot, plot_curves, stream_ids, training_curves
+from ..eval.sinkgrid import MODES, evaluate, markdown, stream_ids, training_curves
+from ..plots import plot_sink_curves as plot_curves
+from ..plots import plot_sinkgrid as plot
 from .options import UsageError, finish, int_list, read_text, text_ids
 
 

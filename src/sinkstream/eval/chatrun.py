@@ -59,27 +59,3 @@ def run_chat(
             }
         )
     return records, ended
-
-
-def plot_chat(runs: dict[str, list[dict]], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, recs in runs.items():
-        xs = [r["tokens_seen"] for r in recs]
-        a.plot(xs, [r["decode_tokens_per_s"] or 0 for r in recs], marker=".", label=label)
-        b.plot(xs, [r["rss_mb"] for r in recs], marker=".", label=label)
-    a.set_xlabel("tokens seen")
-    a.set_ylabel("decode tokens/s (per turn)")
-    b.set_xlabel("tokens seen")
-    b.set_ylabel("RSS (MB)")
-    for ax in (a, b):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

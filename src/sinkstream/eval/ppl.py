@@ -162,36 +162,3 @@ def run_method(
             info["ppl_within_max_positions"] = round(perplexity(nll[:max_pos]), 4)
             info["ppl_past_max_positions"] = round(perplexity(nll[max_pos:]), 4)
     return nll, info
-
-
-def plot(curves: dict[str, np.ndarray], path, title: str, marks: dict[str, int] | None = None) -> None:
-    """Perplexity against tokens seen (log-spaced bins, log x), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, nll in curves.items():
-        n = len(nll)
-        edges = np.unique(np.geomspace(16, max(n, 17), num=40).astype(int))
-        xs, ys = [], []
-        for a, b in zip(edges[:-1], edges[1:]):
-            seg = nll[a:b]
-            seg = seg[~np.isnan(seg)]
-            if seg.size:
-                xs.append((a + b) / 2)
-                ys.append(float(np.exp(seg.mean())))
-        ax.plot(xs, ys, marker=".", label=label)
-    for name, x in (marks or {}).items():
-        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
-        ax.text(x, ax.get_ylim()[1], f" {name}", rotation=90, va="top", fontsize=8, color="grey")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("perplexity (per bin)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

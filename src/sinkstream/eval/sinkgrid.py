@@ -84,31 +84,6 @@ def markdown(rows: dict[str, dict], cache: int, sinks, tokens: int, stride: int)
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, dict], cache: int, sinks, path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, r in rows.items():
-        a.plot(sinks, [r[f"{s}+{cache - s}"] for s in sinks], "o-", label=mode)
-        b.plot(range(len(r["first_token_mass"])), r["first_token_mass"], "o-", label=mode)
-    a.set_xlabel("sinks kept (cache total fixed)")
-    a.set_ylabel("streaming perplexity")
-    a.set_yscale("log")
-    a.set_xticks(list(sinks))
-    b.set_xlabel("layer")
-    b.set_ylabel("attention on the first token")
-    b.set_ylim(0, 1)
-    for ax in (a, b):
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def training_curves(runs, modes) -> dict[str, list[dict]]:
     """Per mode, from its ``train_log.jsonl``: tokens trained and the sink measures at every evaluation."""
     import json
@@ -132,29 +107,6 @@ def training_curves(runs, modes) -> dict[str, list[dict]]:
             if "sink_head_mass" in r
         ]
     return {m: c for m, c in curves.items() if c}
-
-
-def plot_curves(curves: dict[str, list[dict]], cache: int, path, title: str) -> None:
-    """The strongest head's late-query mass on token 0 (max over layers) against tokens trained."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, rows in curves.items():
-        ax.plot([r["tokens"] for r in rows], [max(r["sink_head_mass"]) for r in rows], "o-", ms=3, label=mode)
-    ax.axhline(
-        float(np.mean(1 / np.arange(cache // 2 + 1, cache + 1))), color="grey", ls="--", lw=1, label="uniform attention"
-    )
-    ax.set_xlabel("tokens trained")
-    ax.set_ylabel("strongest head's mass on token 0 (late queries)")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -82,34 +82,3 @@ def markdown(result: dict, tolerance: float) -> str:
             f"{r['ppl_alone']:.2f} | {100 * r['relative_difference']:+.2f}%{flag} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path, title: str) -> None:
-    """Left: PPL against tokens seen (log x) with book starts marked. Right: in-stream vs alone per book."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nll = result["nll"]["stream"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    edges = np.unique(np.geomspace(64, len(nll), num=60).astype(int))
-    xs = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-    ys = [perplexity(nll[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-    ax.plot(xs, ys, marker=".", label="long stream")
-    for r in result["books"][1:]:
-        ax.axvline(r["first_token"], color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens seen (dotted: a new book starts)")
-    ax.set_ylabel("perplexity (per bin)")
-    ax.set_title(title)
-    names = [r["book"].split("-", 1)[-1][:18] for r in result["books"]]
-    at = np.arange(len(names))
-    bx.bar(at - 0.2, [r["ppl_in_stream"] for r in result["books"]], 0.4, label="in the long stream")
-    bx.bar(at + 0.2, [r["ppl_alone"] for r in result["books"]], 0.4, label="alone, fresh cache")
-    bx.set_xticks(at, names, rotation=70, fontsize=7)
-    bx.set_ylabel("perplexity of the book")
-    bx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

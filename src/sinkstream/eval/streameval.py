@@ -135,35 +135,3 @@ def summarize(records: list[dict], n_sink: int, window: int) -> dict:
         "within_cache": {"questions": len(inside), "accuracy": acc(inside)},
         "beyond_cache": {"questions": len(beyond), "accuracy": acc(beyond)},
     }
-
-
-def plot_accuracy(records: list[dict], cache: int, path, title: str, bins: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    d = np.array([r["distance_tokens"] for r in records])
-    c = np.array([r["correct"] for r in records], dtype=float)
-    edges = np.linspace(d.min(), d.max() + 1, bins + 1)
-    xs, ys, ns = [], [], []
-    for a, b in zip(edges[:-1], edges[1:]):
-        m = (d >= a) & (d < b)
-        if m.any():
-            xs.append((a + b) / 2)
-            ys.append(c[m].mean())
-            ns.append(int(m.sum()))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(xs, ys, marker="o")
-    for x, y, n in zip(xs, ys, ns):
-        ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
-    ax.axvline(cache, color="grey", linestyle=":")
-    ax.text(cache, 1.02, f" cache {cache}", fontsize=8, color="grey")
-    ax.set_ylim(-0.05, 1.1)
-    ax.set_xlabel("distance from the asked line to the question (tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

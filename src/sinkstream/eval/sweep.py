@@ -83,25 +83,3 @@ def markdown(result: dict, sinks, caches) -> str:
         else ")"
     )
     return "\n".join(lines) + "\n" + note + "\n"
-
-
-def plot_sweep(result: dict, sinks, caches, path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for cache in caches:
-        rows = [r for r in result["rows"] if r["cache"] == cache and r["sinks"] is not None]
-        ax.plot([str(r["sinks"]) for r in rows], [r["ppl"] for r in rows], marker="o", label=f"cache {cache}")
-        rec = next(r for r in result["rows"] if r["cache"] == cache and r["sinks"] is None)
-        ax.axhline(rec["ppl_on_recompute_targets"], linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
-    ax.set_yscale("log")
-    ax.set_xlabel("attention sinks (cache total fixed)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
