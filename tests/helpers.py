@@ -177,3 +177,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def random_ids(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB - 1, (1, n), generator=g)
+
+
+def model_inv_freq(model, layer_type: str) -> torch.Tensor:
+    """The inverse frequencies the model's own rotary embedding uses for ``layer_type`` layers."""
+    bufs = {n.rsplit(".", 1)[-1]: b for n, b in model.named_buffers() if "rotary_emb" in n}
+    return bufs.get(f"{layer_type}_inv_freq", bufs.get("inv_freq"))

@@ -4,14 +4,8 @@ compose, and the families that cannot be re-positioned are refused."""
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import model_inv_freq, tiny_model
 from sinkstream.positions import ALIBI_FAMILIES, UnsupportedModelError, check_supported, layer_kinds, rope_for
-
-
-def model_inv_freq(model, layer_type: str) -> torch.Tensor:
-    """The inverse frequencies the model's own rotary embedding uses for ``layer_type`` layers."""
-    bufs = {n.rsplit(".", 1)[-1]: b for n, b in model.named_buffers() if "rotary_emb" in n}
-    return bufs.get(f"{layer_type}_inv_freq", bufs.get("inv_freq"))
 
 
 def test_rope_matches_the_models_rotary_embedding(family):

@@ -74,8 +74,8 @@ def test_known_model_streams_and_batches(name):
         pytest.skip(f"{name} is not installed (make models)")
     torch.set_num_threads(2)
     model, tok = load_model(name)
+    from helpers import model_inv_freq
     from sinkstream.positions import rope_for
-    from test_cache import model_inv_freq
 
     for layer_type in set(getattr(model.config, "layer_types", None) or ["full_attention"]):
         torch.testing.assert_close(

@@ -280,39 +280,14 @@ def train(
             f"the training and held-out texts need more than {cfg.seq} tokens each "
             f"(have {len(train_ids)} and {len(eval_ids)})"
         )
-    model = build_model(cfg, tokenizer)
-    model.train()
-    opt = optimizer(model, cfg)
-    start = 0
-    ckpt = out / "checkpoint"
-    log_path = out / "train_log.jsonl"
-    if resume and (ckpt / "trainer_state.pt").is_file():
-        from transformers import AutoModelForCausalLM
-
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{ckpt} was written with another configuration; start a new --out")
-        model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation=model.config._attn_implementation)
-        model.train()
-        opt = optimizer(model, cfg)
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    elif log_path.exists():
+    ckpt, log_path = out / "checkpoint", out / "train_log.jsonl"
+    model, opt, start = _start(cfg, tokenizer, ckpt if resume else None)
+    if not start and log_path.exists():
         log_path.unlink()
     get = batches(train_ids, cfg, sink_id)
     params = sum(p.numel() for p in model.parameters())
-    (out / "train_config.json").write_text(
-        json.dumps(
-            asdict(cfg)
-            | {
-                "parameters": params,
-                "train_tokens": len(train_ids),
-                "eval_tokens": len(eval_ids),
-                "eval_source": eval_source,
-            },
-            indent=2,
-        )
-    )
+    meta = {"parameters": params, "train_tokens": len(train_ids), "eval_tokens": len(eval_ids)}
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg) | meta | {"eval_source": eval_source}, indent=2))
     t0, tokens, ema, first_loss = time.perf_counter(), 0, None, None
     bar = tqdm(
         range(start, cfg.steps),
@@ -324,16 +299,8 @@ def train(
     )
     with fast_cpu_matmul(), open(log_path, "a") as logf:
         for step in bar:
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = get(step)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            value = float(loss.detach())
+            lr, x = lr_at(step, cfg), get(step)
+            value, norm = _step(model, opt, x, lr, cfg.clip)
             first_loss = value if first_loss is None else first_loss
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             tokens += x.numel()
@@ -349,7 +316,47 @@ def train(
     seconds = time.perf_counter() - t0
     _save(model, tokenizer, None, cfg.steps, cfg, out / "final")
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    summary = {
+    summary = _summary(cfg, rows, params, tokens, seconds, first_loss, out)
+    from .plots import plot_losses
+
+    plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _start(cfg: TrainConfig, tokenizer, ckpt: Path | None):
+    """(model, optimizer, first step): fresh, or resumed from ``ckpt`` when it holds a checkpoint."""
+    model = build_model(cfg, tokenizer)
+    start = 0
+    if ckpt is not None and (ckpt / "trainer_state.pt").is_file():
+        from transformers import AutoModelForCausalLM
+
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was written with another configuration; start a new --out")
+        model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation=model.config._attn_implementation)
+        start = state["step"]
+    model.train()
+    opt = optimizer(model, cfg)
+    if start:
+        opt.load_state_dict(state["optimizer"])
+    return model, opt, start
+
+
+def _step(model, opt, x: torch.Tensor, lr: float, clip: float) -> tuple[float, float]:
+    """One optimizer step at learning rate ``lr``: (loss, gradient norm before clipping)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach()), norm
+
+
+def _summary(cfg: TrainConfig, rows: list[dict], params: int, tokens: int, seconds: float, first_loss, out: Path):
+    return {
         "sink_mode": cfg.sink_mode,
         "steps": cfg.steps,
         "parameters": params,
@@ -361,8 +368,3 @@ def train(
         "held_out_loss": next((r["held_out_loss"] for r in reversed(rows) if "held_out_loss" in r), None),
         "model": str(out / "final"),
     }
-    from .plots import plot_losses
-
-    plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

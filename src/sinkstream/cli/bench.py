@@ -82,10 +82,8 @@ def run(args) -> int:
     import torch
 
     from ..benchmark import (
-        CHECKPOINTS,
         DENSE_CHECKPOINTS,
         checkpoints_for,
-        flat_in_turns,
         run_checkpoints,
         run_recompute,
     )
@@ -97,12 +95,7 @@ def run(args) -> int:
     if "recompute" in args.compare_list and max_pos and max(args.caches) > max_pos:
         raise UsageError(f"--recompute-caches: {max(args.caches)} is past the model's {max_pos} positions")
     dense_to = min(x for x in (args.dense_tokens, max_pos, args.tokens if not max_pos else None) if x)
-    dense_points = checkpoints_for(dense_to, DENSE_CHECKPOINTS)
-    need = max(
-        [args.tokens]
-        + ([dense_to] if "dense" in args.compare_list else [])
-        + ([max(args.caches) + 65 + args.measure] if "recompute" in args.compare_list else [])
-    )
+    need = _tokens_needed(args, dense_to)
     ids, source = text_ids(args, tok, need)
     if len(ids) < need:
         raise UsageError(f"the text has {len(ids)} tokens, fewer than the {need} this run needs")
@@ -131,32 +124,14 @@ def run(args) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    points = checkpoints_for(args.tokens, CHECKPOINTS)
-    kept = {2000 if 2000 in points else points[0], points[-1]}  # replayed in turns at the end
-    stream = run_checkpoints(engine, ids, points, args.measure, progress, desc="streaming", keep=kept)
-    result |= {
-        "latency_ms": {k: p["median_ms"] for k, p in stream.items()},
-        "rss_mb": {k: p["rss_mb"] for k, p in stream.items()},
-        "tokens_per_s": {k: p["tokens_per_s"] for k, p in stream.items()},
-        "streaming": stream,
-    }
-    base = "2000" if "2000" in stream else next(iter(stream))
-    last = str(points[-1])
-    result["flat"] = {
-        "from": int(base),
-        "to": int(last),
-        "latency_ratio": round(stream[last]["median_ms"] / stream[base]["median_ms"], 3),
-        "rss_ratio": round(stream[last]["rss_mb"] / stream[base]["rss_mb"], 3),
-        "peak_rss_ratio": round(stream[last]["peak_rss_mb"] / stream[base]["peak_rss_mb"], 3),
-    }
-    if int(last) != int(base):
-        result["flat_in_turns"] = flat_in_turns(engine, ids)
+    result |= _streaming(engine, ids, args.tokens, args.measure, progress)
     if "recompute" in args.compare_list:
         rows = run_recompute(model, tok, ids, args.caches, args.sink, args.measure, args.reps, progress)
         result["recompute"] = rows
         result["recompute_ratio"] = {k: r["ratio"] for k, r in rows.items()}
     if "dense" in args.compare_list:
         dense = Engine(model, tok, dense=True)
+        dense_points = checkpoints_for(dense_to, DENSE_CHECKPOINTS)
         result["dense"] = run_checkpoints(dense, ids, dense_points, args.measure, progress, desc="dense")
         result["dense_max_positions"] = max_pos
     out = Path(args.out)
@@ -164,16 +139,52 @@ def run(args) -> int:
     plot(result, out / "decode.png", f"{name} · {args.dtype} · {result['threads']} threads")
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     if not args.json:
-        for k, p in stream.items():
-            print(
-                f"streaming {args.sink}+{args.window} at {int(k):>9,} tokens: {p['median_ms']:8.2f} ms/token "
-                f"{p['tokens_per_s']:7.2f} tokens/s  RSS {p['rss_mb']:.0f} MB",
-                file=sys.stderr,
-            )
-        for k, r in result.get("recompute", {}).items():
-            print(
-                f"cache {int(k):5d}: recompute {r['recompute_ms']:9.1f} ms, streaming {r['streaming_ms']:7.2f} ms, "
-                f"ratio {r['ratio']:.1f}x",
-                file=sys.stderr,
-            )
+        _report(result, f"{args.sink}+{args.window}")
     return finish(result, out, args)
+
+
+def _tokens_needed(args, dense_to: int) -> int:
+    """Tokens of text the run streams: the streaming run's, the dense run's, the recompute windows'."""
+    need = [args.tokens]
+    if "dense" in args.compare_list:
+        need.append(dense_to)
+    if "recompute" in args.compare_list:
+        need.append(max(args.caches) + 65 + args.measure)
+    return max(need)
+
+
+def _streaming(engine, ids, tokens: int, measure: int, progress: bool) -> dict:
+    """The streaming checkpoints, the flatness of the last against 2k, and the two replayed in turns."""
+    from ..benchmark import CHECKPOINTS, checkpoints_for, flat_in_turns, run_checkpoints
+
+    points = checkpoints_for(tokens, CHECKPOINTS)
+    kept = {2000 if 2000 in points else points[0], points[-1]}  # replayed in turns at the end
+    stream = run_checkpoints(engine, ids, points, measure, progress, desc="streaming", keep=kept)
+    base, last = ("2000" if "2000" in stream else next(iter(stream))), str(points[-1])
+    ratio = {k: round(stream[last][k] / stream[base][k], 3) for k in ("median_ms", "rss_mb", "peak_rss_mb")}
+    result = {
+        "latency_ms": {k: p["median_ms"] for k, p in stream.items()},
+        "rss_mb": {k: p["rss_mb"] for k, p in stream.items()},
+        "tokens_per_s": {k: p["tokens_per_s"] for k, p in stream.items()},
+        "streaming": stream,
+        "flat": {"from": int(base), "to": int(last), "latency_ratio": ratio["median_ms"],
+                 "rss_ratio": ratio["rss_mb"], "peak_rss_ratio": ratio["peak_rss_mb"]},
+    }  # fmt: skip
+    if last != base:
+        result["flat_in_turns"] = flat_in_turns(engine, ids)
+    return result
+
+
+def _report(result: dict, cache: str) -> None:
+    for k, p in result["streaming"].items():
+        print(
+            f"streaming {cache} at {int(k):>9,} tokens: {p['median_ms']:8.2f} ms/token "
+            f"{p['tokens_per_s']:7.2f} tokens/s  RSS {p['rss_mb']:.0f} MB",
+            file=sys.stderr,
+        )
+    for k, r in result.get("recompute", {}).items():
+        print(
+            f"cache {int(k):5d}: recompute {r['recompute_ms']:9.1f} ms, streaming {r['streaming_ms']:7.2f} ms, "
+            f"ratio {r['ratio']:.1f}x",
+            file=sys.stderr,
+        )
