@@ -19,6 +19,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_decode(result: dict, path, title: str) -> None:
     """Latency and RSS against tokens seen (log x), and recompute vs streaming per cache size."""
     plt = _pyplot()
@@ -56,9 +62,7 @@ def plot_decode(result: dict, path, title: str) -> None:
         axes[2].set_xlabel("cache size (tokens)")
         axes[2].set_ylabel("ms per token")
         axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_losses(rows: list[dict], path: Path, title: str, seq: int | None = None) -> None:
@@ -94,9 +98,7 @@ def plot_losses(rows: list[dict], path: Path, title: str, seq: int | None = None
         b.set_yscale("log")
         b.set_title("a sink forming?")
         b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_maps(maps: np.ndarray, path, title: str, max_layers: int = 16) -> list[int]:
@@ -119,9 +121,7 @@ def plot_maps(maps: np.ndarray, path, title: str, max_layers: int = 16) -> list[
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
     return layers
 
 
@@ -134,9 +134,7 @@ def plot_first_token(mass: np.ndarray, path, title: str) -> None:
     ax.set_ylabel("attention on the first token")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
 
 
 def plot_chat(runs: dict[str, list[dict]], path, title: str) -> None:
@@ -155,9 +153,7 @@ def plot_chat(runs: dict[str, list[dict]], path, title: str) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_ppl(curves: dict[str, np.ndarray], path, title: str, marks: dict[str, int] | None = None) -> None:
@@ -185,9 +181,7 @@ def plot_ppl(curves: dict[str, np.ndarray], path, title: str, marks: dict[str, i
     ax.set_ylabel("perplexity (per bin)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sinkgrid(rows: dict[str, dict], cache: int, sinks, path, title: str) -> None:
@@ -207,9 +201,7 @@ def plot_sinkgrid(rows: dict[str, dict], cache: int, sinks, path, title: str) ->
     for ax in (a, b):
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sink_curves(curves: dict[str, list[dict]], cache: int, path, title: str) -> None:
@@ -227,9 +219,7 @@ def plot_sink_curves(curves: dict[str, list[dict]], cache: int, path, title: str
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sweep(result: dict, sinks, caches, path, title: str) -> None:
@@ -246,9 +236,7 @@ def plot_sweep(result: dict, sinks, caches, path, title: str) -> None:
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_stability(result: dict, path, title: str) -> None:
@@ -274,9 +262,7 @@ def plot_stability(result: dict, path, title: str) -> None:
     bx.set_xticks(at, names, rotation=70, fontsize=7)
     bx.set_ylabel("perplexity of the book")
     bx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_accuracy(records: list[dict], cache: int, path, title: str, bins: int = 8) -> None:
@@ -303,6 +289,4 @@ def plot_accuracy(records: list[dict], cache: int, path, title: str, bins: int =
     ax.set_xlabel("distance from the asked line to the question (tokens)")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

@@ -14,6 +14,7 @@ from .options import (
     check_cache_options,
     finish,
     int_list,
+    kv_dtype,
     load_model_for,
     model_name,
     read_text,
@@ -120,7 +121,7 @@ def run(args) -> int:
             n_sink=args.sink,
             window=args.window,
             decode=args.decode,
-            kv_dtype=None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype),
+            kv_dtype=kv_dtype(args),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
