@@ -209,7 +209,15 @@ GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
         ({**GOOD, "temperature": "hot"}, 400, "temperature"),
         ({**GOOD, "model": "no-such-model"}, 404, "not served"),
         ({**GOOD, "messages": []}, 400, "messages"),
-        ({**GOOD, "messages": [{"role": "user", "content": "  "}]}, 400, "empty"),
+        ({**GOOD, "tool_choice": "required"}, 400, "tools"),
+        (
+            {
+                **GOOD,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+            },
+            400,
+            "schema",
+        ),
         ({**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
         ({**GOOD, "max_tokens": -3}, 400, "max_tokens"),
         ({**GOOD, "max_tokens": 5000}, 400, "max-completion-tokens"),

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .engine import Engine, SamplingParams
+from .tools import for_template, template_supports_tools
 
 
 @dataclass
@@ -22,28 +23,35 @@ class Conversation:
     messages: list[dict] = field(default_factory=list)
     fed_text: str = ""
     turns: int = 0
+    tools: list[dict] | None = None  # offered to the model in the rendered conversation (``tools``)
 
     def __post_init__(self):
         if self.system and not self.messages:
             self.messages = [{"role": "system", "content": self.system}]
 
     def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+        native = template_supports_tools(tokenizer)
+        messages = for_template(messages, self.tools, native)
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            extra = {"tools": self.tools} if self.tools and native else {}
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            )
         # no template: a plain transcript
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if add_generation_prompt else "")
 
-    def new_turn_text(self, tokenizer, message: str) -> str:
-        """The text to feed for ``message``: what the rendered conversation adds to what was fed."""
-        user = {"role": "user", "content": message}
-        full = self.render(tokenizer, self.messages + [user], True)
+    def new_turn_text(self, tokenizer, new: str | list[dict]) -> str:
+        """The text to feed for the ``new`` messages (a user's text, or messages such as tool
+        results): what the rendered conversation adds to what was fed."""
+        new = [{"role": "user", "content": new}] if isinstance(new, str) else list(new)
+        full = self.render(tokenizer, self.messages + new, True)
         if full.startswith(self.fed_text):
             return full[len(self.fed_text) :]
         # The template renders the history differently from what was fed (an answer cut at a stop
         # string, a template that trims): close the last answer turn, then add the new turn.
         hist = self.render(tokenizer, self.messages, False)
-        delta = full[len(hist) :] if full.startswith(hist) else self.render(tokenizer, [user], True)
+        delta = full[len(hist) :] if full.startswith(hist) else self.render(tokenizer, new, True)
         if self.messages and self.messages[-1]["role"] == "assistant":
             before = self.render(tokenizer, self.messages[:-1], True)
             turn, answer = hist[len(before) :], self.messages[-1]["content"]
@@ -51,12 +59,13 @@ class Conversation:
                 delta = turn[len(answer) :] + delta
         return delta
 
-    def begin(self, tokenizer, message: str) -> list[int]:
-        """Record the user's ``message``; return the token ids to feed for it."""
-        if not message.strip():
+    def begin(self, tokenizer, new: str | list[dict]) -> list[int]:
+        """Record the user's message (or the ``new`` messages); return the token ids to feed for it."""
+        if isinstance(new, str) and not new.strip():
             raise ValueError("empty message")
-        delta = self.new_turn_text(tokenizer, message)
-        self.messages.append({"role": "user", "content": message})
+        new = [{"role": "user", "content": new}] if isinstance(new, str) else list(new)
+        delta = self.new_turn_text(tokenizer, new)
+        self.messages += new
         self.fed_text += delta
         return tokenizer(delta, add_special_tokens=False).input_ids
 
@@ -73,11 +82,13 @@ class Conversation:
         return answer
 
     def to_dict(self) -> dict:
-        return {"system": self.system, "messages": self.messages, "fed_text": self.fed_text, "turns": self.turns}
+        return {"system": self.system, "messages": self.messages, "fed_text": self.fed_text, "turns": self.turns,
+                "tools": self.tools}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Conversation:
-        return cls(system=d.get("system"), messages=list(d["messages"]), fed_text=d["fed_text"], turns=d["turns"])
+        return cls(system=d.get("system"), messages=list(d["messages"]), fed_text=d["fed_text"], turns=d["turns"],
+                   tools=d.get("tools"))  # fmt: skip
 
 
 class ChatSession:

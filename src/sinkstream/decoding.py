@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, penalize, sample
+
+if TYPE_CHECKING:
+    from .grammar import Constraint
 
 
 class Detokenizer:
@@ -77,20 +81,27 @@ class RowState:
     eos_ids: set[int]
     generator: torch.Generator | None = None
     bias: torch.Tensor | None = None  # [V], added to the logits before sampling
+    recent: list[int] = field(default_factory=list)  # the turn's tokens so far: its prompt, then its answer
+    constraint: Constraint | None = None  # a grammar the answer must follow (``grammar``)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_hit: bool = False
     last_unfed: bool = False  # the last generated token has not been fed to the model
 
     @classmethod
-    def start(cls, tokenizer, params: SamplingParams, eos: set[int], device, logit_bias=None, vocab=None):
-        """A fresh row: its own generator (seeded alike for every row with the same seed) and bias."""
+    def start(
+        cls, tokenizer, params: SamplingParams, eos: set[int], device, logit_bias=None, vocab=None, prompt_ids=(),
+        constraint: Constraint | None = None,
+    ):  # fmt: skip
+        """A fresh row: its own generator (seeded alike for every row with the same seed) and bias;
+        ``prompt_ids`` (the turn's prompt) are the first tokens the repetition penalty sees."""
         gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         bias = None
         if logit_bias:
             bias = torch.zeros(vocab, device=device)
             bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), device=device)
-        return cls(params, Detokenizer(tokenizer, params.stop), eos, gen, bias)
+        recent = list(prompt_ids[-params.penalty_last_n :] if params.penalty_last_n else prompt_ids)
+        return cls(params, Detokenizer(tokenizer, params.stop), eos, gen, bias, recent, constraint)
 
     @property
     def text(self) -> str:
@@ -104,15 +115,23 @@ class RowState:
         """The next token from this row's logits [1, V], with its parameters, bias and generator."""
         if self.bias is not None:
             logits = logits + self.bias[: logits.shape[-1]]
+        logits = penalize(logits, self.params, self.recent, self.generated)
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         return int(sample(logits, self.params, self.generator)[0])
 
     def accept(self, tid: int) -> str | None:
         """Take the sampled ``tid``: None if it ends the answer unseen (EOS), else the newly final text
         (may be empty). Sets ``finish_reason`` when the answer is over."""
+        if self.constraint is not None:
+            self.constraint.accept(tid)
         if tid in self.eos_ids:
             self.finish_reason = "stop"
             return None
         self.generated.append(tid)
+        self.recent.append(tid)
+        if self.params.penalty_last_n and len(self.recent) > 2 * self.params.penalty_last_n:
+            del self.recent[: -self.params.penalty_last_n]  # bounded, however long the answer
         self.last_unfed = True
         text, hit = self.detok.add(tid)
         if hit:

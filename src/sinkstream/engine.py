@@ -208,15 +208,16 @@ class Engine:
         """One decode step: feed one token, return the next logits."""
         return self.forward(torch.tensor([[token_id]], device=self.device))
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Generation:
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, constraint=None) -> Generation:
         """Prefill ``prompt_ids`` then yield tokens as they are sampled (iterate the result; afterwards
         it holds why the answer ended, its text and ids).
 
         Stops on an EOS token (not yielded, not fed), a stop string (the text is cut before it),
         or ``max_new_tokens``. The last sampled token is not fed to the model: the next call
-        feeds whatever the caller passes (a chat feeds the end-of-turn marker).
+        feeds whatever the caller passes (a chat feeds the end-of-turn marker). A ``constraint``
+        (``grammar.Grammars``) holds the answer to a grammar.
         """
-        row = self._row(params or SamplingParams())
+        row = self._row(params or SamplingParams(), prompt_ids, constraint)
         return Generation(self._generate_one(prompt_ids, row), row)
 
     def _generate_one(self, prompt_ids: Sequence[int], row: RowState) -> Iterator[Token]:
@@ -246,10 +247,12 @@ class Engine:
         self.reset()
         cache = SinkCache.stack(caches)
         del caches
-        yield from self._decode(cache, [self._row(params) for _ in prompts], torch.cat(logits))
+        yield from self._decode(cache, [self._row(params, ids) for ids in prompts], torch.cat(logits))
 
-    def _row(self, params: SamplingParams) -> RowState:
-        return RowState.start(self.tokenizer, params, self.eos_ids, self.device)
+    def _row(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None) -> RowState:
+        return RowState.start(
+            self.tokenizer, params, self.eos_ids, self.device, prompt_ids=list(prompt_ids), constraint=constraint
+        )
 
     @torch.no_grad()
     def _decode(self, cache, rows: list[RowState], logits: torch.Tensor) -> Iterator[tuple[int, Token]]:

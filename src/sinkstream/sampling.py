@@ -1,4 +1,10 @@
-"""How the next token is picked: temperature, top-k, top-p, greedy.
+"""How the next token is picked: penalties, temperature, top-k, top-p, min-p, greedy.
+
+The order is that of vLLM and llama.cpp: the penalties change the raw logits (a repetition penalty
+over the recent tokens, as transformers' ``RepetitionPenaltyLogitsProcessor``; OpenAI's presence and
+frequency penalties over the answer so far), then temperature scales them, then top-k, top-p and
+min-p (transformers' ``MinPLogitsWarper``) cut the distribution. Greedy decoding takes the argmax of
+the penalized logits, so a repetition penalty works without sampling.
 
 Sampling is defined for every value the options admit and every row of finite logits, so that one
 request's parameters can never make another request's step fail:
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
 GREEDY_BELOW = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
@@ -31,7 +38,13 @@ class SamplingError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. ``temperature`` below ``GREEDY_BELOW`` (0 included) is greedy."""
+    """How to pick tokens. ``temperature`` below ``GREEDY_BELOW`` (0 included) is greedy.
+
+    ``repetition_penalty`` (> 0; 1 is off) divides positive logits and multiplies negative ones of
+    every token among the last ``penalty_last_n`` tokens of the turn (its prompt and its answer; 0:
+    all of them). ``presence_penalty`` is subtracted once from every token the answer already holds,
+    ``frequency_penalty`` once per occurrence (both in [-2, 2], OpenAI's meaning). ``min_p`` drops
+    tokens less likely than ``min_p`` times the likeliest one."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -39,6 +52,11 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: Sequence[str] = ()
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -51,10 +69,35 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.penalty_last_n < 0:
+            raise ValueError(f"penalty_last_n must be >= 0, got {self.penalty_last_n}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+def penalize(
+    logits: torch.Tensor, params: SamplingParams, recent: Sequence[int], answer: Sequence[int]
+) -> torch.Tensor:
+    """``logits`` [1, V] with the penalties applied: the repetition penalty over ``recent`` (the
+    turn's tokens, the last ``penalty_last_n`` of which count), presence and frequency over ``answer``."""
+    if params.repetition_penalty != 1.0 and recent:
+        window = recent[-params.penalty_last_n :] if params.penalty_last_n else recent
+        ids = torch.tensor([list(window)], device=logits.device)
+        logits = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, logits.float())
+    if (params.presence_penalty or params.frequency_penalty) and answer:
+        ids = torch.tensor(list(answer), device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(torch.float32)
+        logits = logits.float() - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return logits
 
 
 def _checked(logits: torch.Tensor) -> torch.Tensor:
@@ -87,6 +130,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = p.cumsum(-1) - p >= params.top_p  # keep the smallest set reaching top_p ...
         drop[..., 0] = False  # ... and never less than the likeliest token
         x = torch.full_like(x, -math.inf).scatter(-1, order, sorted_x.masked_fill(drop, -math.inf))
+    if params.min_p > 0:
+        x = MinPLogitsWarper(params.min_p)(None, x)
     return x.softmax(-1)
 
 

@@ -92,6 +92,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=positive_int("--top-k"), default=0)
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the likeliest one's probability")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages the last tokens (1 = off)")
+    s.add_argument("--penalty-last-n", type=int, default=64, help="tokens the repetition penalty looks at (0 = all)")
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's meaning")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's meaning")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON stats object as the last line")
@@ -144,6 +149,11 @@ def sampling_params(args):
             top_k=args.top_k,
             seed=args.seed,
             stop=tuple(args.stop),
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            penalty_last_n=args.penalty_last_n,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
         )
     except ValueError as e:
         field, rest = str(e).split(" ", 1)

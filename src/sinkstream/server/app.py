@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from ..grammar import Grammars
 from .errors import install_error_handlers
 from .limits import RequestLimits
 from .metrics import Metrics
@@ -80,7 +81,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="sinkstream", version="0.1.0", lifespan=lifespan)
     turns = Turns(worker, store, metrics, tokenizer, cache_capacity=config.n_sink + config.window)
-    checks = RequestChecks(config, model.config)
+    grammars = Grammars(tokenizer, model.config.get_text_config().vocab_size, worker.eos_ids)
+    checks = RequestChecks(config, model.config, grammars)
     app.state.store, app.state.worker, app.state.metrics, app.state.config = store, worker, metrics, config
     app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name)
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)

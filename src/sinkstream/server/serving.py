@@ -18,7 +18,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ..cache import SinkCache
 from ..chat import Conversation
+from ..grammar import Constraint, GrammarError, Grammars
 from ..sampling import SamplingParams
+from ..tools import CallStream, call_schema, parse_calls
 from . import protocol as P
 from .errors import ApiError
 from .events import AsyncEvents, DoneEvent, TokenEvent
@@ -32,8 +34,8 @@ DONE = "data: [DONE]\n\n"
 class RequestChecks:
     """Request values against this server's model, limits and vocabulary (400/404 otherwise)."""
 
-    def __init__(self, config, model_config):
-        self.config, self.model_config = config, model_config
+    def __init__(self, config, model_config, grammars: Grammars):
+        self.config, self.model_config, self.grammars = config, model_config, grammars
         self.vocab = model_config.get_text_config().vocab_size
         self.kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else None
 
@@ -70,10 +72,28 @@ class RequestChecks:
         try:  # the schema admits only values SamplingParams takes; this is the second line of defence
             return SamplingParams(
                 max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                stop=tuple(req.stop or ()),
+                stop=tuple(req.stop or ()), top_k=max(req.top_k, 0), min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
             )  # fmt: skip
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
+
+    def constraint(self, req, tool_schema: dict | None = None) -> Constraint | None:
+        """The grammar the answer follows: a forced tool call's, else the ``response_format``'s."""
+        fmt = req.response_format
+        try:
+            if tool_schema is not None:
+                return self.grammars.json_schema(tool_schema)
+            if isinstance(fmt, P.JsonSchemaFormat):
+                return self.grammars.json_schema(fmt.json_schema.schema_)
+            if isinstance(fmt, P.JsonObjectFormat):
+                return self.grammars.json_object()
+        except GrammarError as e:
+            raise ApiError(
+                400, str(e), code="invalid_schema", param="tools" if tool_schema else "response_format"
+            ) from None
+        return None
 
     def new_cache(self) -> SinkCache:
         c = self.config
@@ -113,9 +133,12 @@ class ChatServing:
             )
         logprobs = [self._logprob_entry(e) async for e in self.turns.events(turn, request) if e.logprobs is not None]
         raise_failed(turn)
+        content, calls = turn.job.text, []
+        if req.tool_mode != "none":
+            content, calls = parse_calls(content, _tool_names(req))
         choice = P.ChatChoice(
-            message=P.AssistantMessage(content=turn.job.text),
-            finish_reason=turn.finish_reason,
+            message=P.AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None),
+            finish_reason="tool_calls" if calls else turn.finish_reason,
             logprobs=P.ChoiceLogprobs(content=logprobs) if req.logprobs else None,
         )
         return P.ChatCompletion(
@@ -123,13 +146,18 @@ class ChatServing:
         )
 
     async def _start(self, req: P.ChatCompletionRequest, params: SamplingParams) -> Turn:
-        """Lease the session (if any), render the new message and hand the job to the worker. Any failure
+        """Lease the session (if any), render the new messages and hand the job to the worker. Any failure
         on the way hands the session back unchanged."""
         bias = self.checks.logit_bias(req)
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        forced = req.tool_mode in ("required", "named")
+        name = req.tool_choice.function.name if req.tool_mode == "named" else None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tool_mode != "none" else None
+        constraint = await run_in_threadpool(self.checks.constraint, req, call_schema(tools, name) if forced else None)
+        msgs = [m.as_dict() for m in req.messages]
         session = await self.turns.lease(req.session_id) if req.session_id else None
         try:
-            turn = await self._turn(req, params, bias, msgs, session)
+            turn = await self._turn(req, params, bias, msgs, tools, session)
+            turn.job.constraint = constraint
             self.turns.submit(turn)
             return turn
         except BaseException:
@@ -137,25 +165,32 @@ class ChatServing:
                 self.turns.store.rollback(session)
             raise
 
-    async def _turn(self, req, params, bias, msgs, session: Session | None) -> Turn:
+    async def _turn(self, req, params, bias, msgs: list[dict], tools, session: Session | None) -> Turn:
+        """The turn's job: the request's new messages (those after its last assistant message) rendered
+        after the conversation so far (the session's, or the request's earlier messages)."""
+        split = max((i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"), default=0)
+        history, new = msgs[:split], msgs[split:]
         system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
         if session:
             conv = session.conversation
-            if session.new:  # the first request's messages are the conversation so far
-                conv.system, conv.messages = system, msgs[:-1]
+            if session.new:  # the first request's earlier messages are the conversation so far
+                conv.system, conv.messages = system, history
             cache = session.cache or self.checks.new_cache()
             session.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
             session.mark()
         else:
-            conv = Conversation(system=system, messages=msgs[:-1])
+            conv = Conversation(system=system, messages=history)
             cache = self.checks.new_cache()
+        conv.tools = tools
         before = len(conv.messages)
         try:
-            ids = await run_in_threadpool(conv.begin, self.tokenizer, msgs[-1]["content"])
+            ids = await run_in_threadpool(conv.begin, self.tokenizer, new)
         except (ValueError, TemplateError) as e:
             raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
         if session:
             session.mark()
+        if not ids:
+            raise ApiError(400, "the messages add nothing to the conversation", param="messages")
         self.checks.length(len(ids))
         events = AsyncEvents(asyncio.get_running_loop())
         job = Job(ids, params, cache, events=events, top_logprobs=req.want_logprobs, logit_bias=bias)
@@ -168,17 +203,31 @@ class ChatServing:
             choice = P.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
             return sse(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice], **kw))
 
+        calls = CallStream(_tool_names(req), stream_text=req.tool_mode == "auto") if req.tool_mode != "none" else None
         yield chunk(P.Delta(role="assistant", content=""))
         async for event in self.turns.events(turn, request):
-            if event.text or event.logprobs is not None:
+            text = calls.add(event.text) if calls else event.text
+            if text or event.logprobs is not None:
                 lp = P.ChoiceLogprobs(content=[self._logprob_entry(event)]) if event.logprobs is not None else None
-                yield chunk(P.Delta(content=event.text), logprobs=lp)
+                yield chunk(P.Delta(content=text), logprobs=lp)
         if not turn.committed:
             if turn.error != "cancelled":
                 yield sse_failed(turn.error)
                 yield DONE
             return
-        yield chunk(P.Delta(), finish=turn.finish_reason, session=turn.info)
+        finish = turn.finish_reason
+        if calls:
+            rest, found = calls.finish()
+            if rest:
+                yield chunk(P.Delta(content=rest))
+            if found:
+                deltas = [
+                    P.DeltaToolCall(index=i, id=c.id, type="function", function=_tool_call(c).function)
+                    for i, c in enumerate(found)
+                ]
+                yield chunk(P.Delta(tool_calls=deltas))
+                finish = "tool_calls"
+        yield chunk(P.Delta(), finish=finish, session=turn.info)
         if req.include_usage:
             yield sse(
                 P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage(turn.job))
@@ -196,6 +245,14 @@ class ChatServing:
         return P.TokenLogprob(
             token=first.token, logprob=chosen, bytes=first.bytes, top_logprobs=[one(i, v) for i, v in top]
         )
+
+
+def _tool_names(req: P.ChatCompletionRequest) -> set[str]:
+    return {t.function.name for t in req.tools or ()}
+
+
+def _tool_call(call) -> P.ToolCall:
+    return P.ToolCall(id=call.id, function=P.FunctionCall(name=call.name, arguments=call.arguments))
 
 
 class CompletionServing:
@@ -236,7 +293,9 @@ class CompletionServing:
             ids = self.tokenizer(prompt).input_ids if prompt else [self.tokenizer.bos_token_id or 0]
             self.checks.length(len(ids))
             events = AsyncEvents(loop, queue, tag=i)
-            turns.append(Turn(Job(ids, params, self.checks.new_cache(), events=events, logit_bias=bias), None))
+            job = Job(ids, params, self.checks.new_cache(), events=events, logit_bias=bias)
+            job.constraint = self.checks.constraint(req)
+            turns.append(Turn(job, None))
         return turns
 
     async def _stream(self, turns, queue, req: P.CompletionRequest, prompts, rid: str, request: Request):

@@ -26,6 +26,7 @@ from ..cache import SinkCache
 from ..decoding import RowState, eos_ids
 from ..engine import forward_stream
 from ..fused import select_decoder
+from ..grammar import Constraint
 from ..sampling import SamplingParams
 from .events import DoneEvent, ErrorEvent, TokenEvent, WorkerEvent
 
@@ -39,6 +40,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k likeliest
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (-100 bans a token)
+    constraint: Constraint | None = None  # the grammar the answer follows (structured output, forced tool calls)
     # filled in by the worker
     fed: int = 0  # prompt tokens fed so far
     row: RowState | None = None  # the answer being decoded (sampling state, text, ids)
@@ -95,7 +97,10 @@ class Worker:
         if not job.ids:
             raise ValueError("nothing to feed")
         vocab = self.model.config.get_text_config().vocab_size  # logit_bias ids checked by the caller
-        job.row = RowState.start(self.tokenizer, job.params, self.eos_ids, self.device, job.logit_bias, vocab)
+        job.row = RowState.start(
+            self.tokenizer, job.params, self.eos_ids, self.device, job.logit_bias, vocab, prompt_ids=job.ids,
+            constraint=job.constraint,
+        )  # fmt: skip
         self.inbox.put(job)
         return job
 
