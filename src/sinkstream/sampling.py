@@ -30,6 +30,8 @@ from transformers.generation.logits_process import MinPLogitsWarper, RepetitionP
 
 GREEDY_BELOW = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# A penalty far below 1 would underflow to 0 in float32 and divide logits by it (0 / 0 is NaN).
+REPETITION_PENALTY = (0.01, 10.0)
 
 
 class SamplingError(ValueError):
@@ -40,7 +42,7 @@ class SamplingError(ValueError):
 class SamplingParams:
     """How to pick tokens. ``temperature`` below ``GREEDY_BELOW`` (0 included) is greedy.
 
-    ``repetition_penalty`` (> 0; 1 is off) divides positive logits and multiplies negative ones of
+    ``repetition_penalty`` (in [0.01, 10]; 1 is off) divides positive logits and multiplies negative ones of
     every token among the last ``penalty_last_n`` tokens of the turn (its prompt and its answer; 0:
     all of them). ``presence_penalty`` is subtracted once from every token the answer already holds,
     ``frequency_penalty`` once per occurrence (both in [-2, 2], OpenAI's meaning). ``min_p`` drops
@@ -71,8 +73,8 @@ class SamplingParams:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not REPETITION_PENALTY[0] <= self.repetition_penalty <= REPETITION_PENALTY[1]:  # NaN fails too
+            raise ValueError(f"repetition_penalty must be in [0.01, 10], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from ..grammar import Grammars
+from . import openapi
 from .errors import install_error_handlers
 from .limits import RequestLimits
 from .metrics import Metrics
@@ -88,6 +89,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, metrics=metrics)
     install_error_handlers(app)
+    openapi.install(app, max_tokens=config.max_completion_tokens, vocab=checks.vocab)
     app.include_router(open_routes)
     app.include_router(api)
     return app

@@ -4,6 +4,7 @@ unexpected (a 500 that names the exception's type, never a traceback)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import ClassVar
 
@@ -22,6 +23,7 @@ class ApiError(Exception):
         400: "invalid_request_error",
         401: "authentication_error",
         404: "not_found_error",
+        405: "invalid_request_error",
         409: "conflict_error",
         413: "invalid_request_error",
         500: "server_error",
@@ -36,8 +38,24 @@ class ApiError(Exception):
         kind = self.TYPES.get(self.status, "error")
         return P.ErrorBody(error=P.ErrorDetail(message=self.message, type=kind, code=self.code, param=self.param))
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
+
+
+WHY = {
+    400: "invalid request: the body, a value, or a rule of this server (the message says which)",
+    401: "missing or wrong API key (when the server has one)",
+    404: "no such model, session or resource",
+    409: "the session is answering another request",
+    413: "request body larger than --max-body-bytes",
+    500: "generation failed, or an internal error",
+    503: "the request was cancelled before it finished (a sibling prompt failed, or the server is stopping)",
+}
+
+
+def documented(*statuses: int) -> dict:
+    """The ``responses`` of a route that can answer these error statuses (OpenAI's error body)."""
+    return {s: {"model": P.ErrorBody, "description": WHY[s]} for s in statuses}
 
 
 def generation_failed(error: str) -> ApiError:
@@ -71,10 +89,23 @@ async def _invalid(request, exc: RequestValidationError):
     ).response()
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method the API document lists for this path (Starlette's 405 names only the first
+    matching route's, and a path such as /v1/sessions/{sid} has several routes)."""
+    path, found = request.url.path, set()
+    for template, ops in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            found |= {m.upper() for m in ops}
+    return ", ".join(sorted(found))
+
+
 async def _http(request, exc: StarletteHTTPException):
     if isinstance(exc.__cause__, UnicodeDecodeError):
         return ApiError(400, f"the body is not valid UTF-8: {exc.__cause__}", code="invalid_request").response()
-    return ApiError(exc.status_code, str(exc.detail)).response()
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return ApiError(exc.status_code, str(exc.detail)).response(headers=headers)
 
 
 async def _crash(request, exc: Exception):

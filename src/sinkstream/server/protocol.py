@@ -12,22 +12,39 @@ likeliest token.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling import SEED_RANGE
+from ..sampling import REPETITION_PENALTY, SEED_RANGE
 
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
-TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key: a token id, no sign, no exponent, no other digits
 MAX_PROMPTS = 64  # prompts of one /v1/completions request
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    """A request body: unknown fields are ignored (as OpenAI does), values are taken strictly (a
+    ``true`` is not a number, ``"1"`` is not a temperature)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+
+def _json_integer(v):
+    """JSON's integers, 1.0 included, but not ``true`` or ``"1"`` (pydantic's lax mode takes those)."""
+    if isinstance(v, bool | str):
+        raise ValueError("Input should be a valid integer")
+    return v
+
+
+def Int(**constraints):
+    """An integer field type with ``constraints`` (``ge``, ``le``) that the schema states too."""
+    return Annotated[int, Field(strict=False, **constraints), BeforeValidator(_json_integer)]
+
+
+Stop = Annotated[str, Field(min_length=1)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class TextPart(_Body):
@@ -124,61 +141,41 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int(ge=1) | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+    seed: Int(ge=SEED_RANGE[0], le=SEED_RANGE[1]) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request: send n requests for n answers")
+    n: Int(ge=1, le=1) = Field(default=1, description="one choice per request: send n requests for n answers")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # beyond OpenAI, as vLLM and llama.cpp's server take them
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1, description="0 or -1: off")
+    top_k: Int(ge=-1) = Field(default=0, description="0 or -1: off")
     user: str | None = Field(default=None, max_length=256, description="the end user's id (accepted, not used)")
     response_format: ResponseFormat | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100], added to its logit
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        for k, b in (v or {}).items():
-            if not TOKEN_ID.fullmatch(k):
-                raise ValueError(f"logit_bias keys are token ids, got {k[:20]!r}")
-            if not -100 <= b <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
-        return v
+    # token id (a canonical decimal below the vocabulary size, checked by the server) -> bias added to its logit
+    logit_bias: dict[str, Bias] | None = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
-    @model_validator(mode="after")
-    def _stream_options(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-        return self
+        return [v] if isinstance(v, str) else list(v or [])
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def include_usage(self) -> bool:  # stream_options matter only when streaming, as OpenAI's
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int(ge=1) | None = None
     session_id: str | None = Field(default=None, pattern=SESSION_ID)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Int(ge=0, le=20) | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -187,8 +184,6 @@ class ChatCompletionRequest(_Sampling):
     def _check(self):
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -212,19 +207,27 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
+    # an empty prompt starts from the beginning-of-sequence token alone
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: Int(ge=1) | None = 16
     echo: bool = False
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts or not any(p for p in prompts):
-            raise ValueError("prompt is empty")
-        if len(prompts) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
-        return v
+
+def decimal_below(n: int) -> str:
+    """A regular expression for the canonical decimals 0 .. n-1 (no sign, no leading zero): the
+    ``logit_bias`` keys of a vocabulary of ``n`` tokens, in the OpenAPI schema and in validation."""
+    top = str(n - 1)
+    d = len(top)
+    if d == 1:
+        return f"^[0-{top}]$"
+    alts = ["0", f"[1-9][0-9]{{0,{d - 2}}}"]  # fewer digits than n - 1
+    for i, c in enumerate(top):  # as many digits: equal to n - 1 up to i, smaller at i
+        lo = 1 if i == 0 else 0
+        if int(c) > lo:
+            rest = f"[0-9]{{{d - i - 1}}}" if d - i - 1 else ""
+            alts.append(f"{top[:i]}[{lo}-{int(c) - 1}]{rest}")
+    alts.append(top)
+    return "^(" + "|".join(alts) + ")$"
 
 
 def new_id(prefix: str) -> str:
@@ -279,7 +282,7 @@ class SessionDeleted(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None
+    content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 

@@ -13,7 +13,8 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from . import protocol as P
-from .errors import ApiError, check_api_key
+from .errors import ApiError, check_api_key, documented
+from .openapi import SSE
 from .store import SessionBusy, SessionNotFound
 
 
@@ -22,7 +23,7 @@ def authorize(request: Request) -> None:
 
 
 open_routes = APIRouter()
-api = APIRouter(dependencies=[Depends(authorize)])
+api = APIRouter(dependencies=[Depends(authorize)], responses=documented(401, 413, 500))
 
 
 @open_routes.get("/health")
@@ -37,7 +38,8 @@ async def page():  # static: no data; its API calls carry the key the user types
     return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
 
 
-@api.get("/metrics")
+@api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                                "description": "Prometheus text format"}})  # fmt: skip
 async def prometheus(request: Request):
     s = request.app.state
     s.metrics.sessions_memory.set(s.store.in_memory)
@@ -54,17 +56,17 @@ async def sessions(request: Request):
     return P.SessionList(data=await run_in_threadpool(request.app.state.store.list))
 
 
-@api.get("/v1/sessions/{sid}", response_model=P.SessionInfo)
+@api.get("/v1/sessions/{sid}", response_model=P.SessionInfo, responses=documented(404))
 async def session_info(sid: str, request: Request):
     return P.SessionInfo(**_known(request.app.state.store.info, sid))
 
 
-@api.get("/v1/sessions/{sid}/messages", response_model=P.Transcript)
+@api.get("/v1/sessions/{sid}/messages", response_model=P.Transcript, responses=documented(404))
 async def session_messages(sid: str, request: Request):
     return P.Transcript(id=sid, data=_known(request.app.state.store.transcript, sid))
 
 
-@api.delete("/v1/sessions/{sid}", response_model=P.SessionDeleted)
+@api.delete("/v1/sessions/{sid}", response_model=P.SessionDeleted, responses=documented(404, 409))
 async def session_delete(sid: str, request: Request):
     s = request.app.state
     try:
@@ -76,12 +78,22 @@ async def session_delete(sid: str, request: Request):
     return P.SessionDeleted(id=sid)
 
 
-@api.post("/v1/chat/completions", response_model_exclude_none=True)
+@api.post(
+    "/v1/chat/completions",
+    response_model=P.ChatCompletion,
+    response_model_exclude_none=True,
+    responses={200: {"content": SSE}, **documented(400, 404, 409, 503)},
+)
 async def chat_completions(req: P.ChatCompletionRequest, request: Request):
     return await request.app.state.chat.create(req, request)
 
 
-@api.post("/v1/completions")
+@api.post(
+    "/v1/completions",
+    response_model=P.Completion,
+    response_model_exclude_none=True,
+    responses={200: {"content": SSE}, **documented(400, 404, 503)},
+)
 async def completions(req: P.CompletionRequest, request: Request):
     return await request.app.state.completion.create(req, request)
 

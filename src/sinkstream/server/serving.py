@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import torch
 from fastapi import Request
@@ -37,6 +38,7 @@ class RequestChecks:
     def __init__(self, config, model_config, grammars: Grammars):
         self.config, self.model_config, self.grammars = config, model_config, grammars
         self.vocab = model_config.get_text_config().vocab_size
+        self.token_id = re.compile(P.decimal_below(self.vocab))
         self.kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else None
 
     def model(self, name: str | None) -> None:
@@ -56,19 +58,20 @@ class RequestChecks:
     def logit_bias(self, req) -> dict[int, float] | None:
         if not req.logit_bias:
             return None
-        bias = {int(k): v for k, v in req.logit_bias.items()}
-        bad = [i for i in bias if i >= self.vocab]
+        bad = [k for k in req.logit_bias if not self.token_id.fullmatch(k)]
         if bad:
-            msg = f"logit_bias names token ids outside the vocabulary (0..{self.vocab - 1}): {bad[:5]}"
+            msg = f"logit_bias keys are token ids of this vocabulary (0..{self.vocab - 1}), got {bad[0][:20]!r}"
             raise ApiError(400, msg, code="invalid_value", param="logit_bias")
-        return bias
+        return {int(k): v for k, v in req.logit_bias.items()}
 
     def sampling(self, req) -> SamplingParams:
         limit = self.config.max_completion_tokens
+        for name in ("max_tokens", "max_completion_tokens"):
+            asked = getattr(req, name, None)
+            if asked is not None and asked > limit:
+                msg = f"{name} is {asked}; this server allows at most {limit} (--max-completion-tokens)"
+                raise ApiError(400, msg, code="invalid_value", param=name)
         max_new = req.max_tokens if req.max_tokens is not None else self.config.default_max_tokens
-        if max_new > limit:
-            msg = f"max_tokens is {max_new}; this server allows at most {limit} (--max-completion-tokens)"
-            raise ApiError(400, msg, code="invalid_value", param="max_tokens")
         try:  # the schema admits only values SamplingParams takes; this is the second line of defence
             return SamplingParams(
                 max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
