@@ -15,6 +15,7 @@ to emit whitespace can spend its whole budget on newlines.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import warnings
 from collections.abc import Iterable
@@ -71,7 +72,8 @@ class Grammars:
             with self.lock:
                 compiled = self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise GrammarError(f"cannot use this JSON schema: {str(e).splitlines()[0][:300]}") from None
+            reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).splitlines()[0])  # no C++ source location
+            raise GrammarError(f"cannot use this JSON schema: {reason[:300]}") from None
         return Constraint(compiled, self.vocab_size)
 
     def json_object(self) -> Constraint:
