@@ -117,12 +117,13 @@ class ChatSession:
         """The text to feed for ``message``: what the rendered conversation adds to what was fed."""
         return self.conversation.new_turn_text(self.engine.tokenizer, message)
 
-    def send(self, message: str, params: SamplingParams | None = None) -> Iterator[str]:
-        """Stream the answer to ``message`` as text pieces. Interrupting the iteration keeps the
-        partial answer in the conversation (its tokens are in the cache)."""
+    def send(self, message: str, params: SamplingParams | None = None, constraint=None) -> Iterator[str]:
+        """Stream the answer to ``message`` as text pieces (held to ``constraint``'s grammar, if any).
+        Interrupting the iteration keeps the partial answer in the conversation (its tokens are in
+        the cache)."""
         tok = self.engine.tokenizer
         ids = self.conversation.begin(tok, message)
-        answer = self.engine.generate(ids, params)
+        answer = self.engine.generate(ids, params, constraint)
         try:
             for t in answer:
                 if t.text:

@@ -228,14 +228,18 @@ class Engine:
 
     @torch.no_grad()
     def generate_batch(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        constraints: Sequence | None = None,
     ) -> Iterator[tuple[int, Token]]:
         """Independent streams decoded together: yields ``(prompt index, Token)`` as tokens come.
 
         Each prompt is prefilled alone (exactly as ``generate`` would), then all rows decode in one
         batched step per token, each at its own length and position; a row leaves the batch when it
         stops. With a seed, every row gets its own generator seeded alike, so each row samples what it
-        would alone. The engine's own stream is reset."""
+        would alone. ``constraints`` (one per prompt, or None) hold rows to grammars. The engine's own
+        stream is reset."""
         params = params or SamplingParams()
         if not prompts:
             return
@@ -247,7 +251,9 @@ class Engine:
         self.reset()
         cache = SinkCache.stack(caches)
         del caches
-        yield from self._decode(cache, [self._row(params, ids) for ids in prompts], torch.cat(logits))
+        constraints = constraints or [None] * len(prompts)
+        rows = [self._row(params, ids, c) for ids, c in zip(prompts, constraints)]
+        yield from self._decode(cache, rows, torch.cat(logits))
 
     def _row(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None) -> RowState:
         return RowState.start(

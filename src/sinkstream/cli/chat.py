@@ -7,7 +7,16 @@ import json
 import os
 import sys
 
-from .options import add_common, check_cache_options, engine_for, print_stats, read_prompts, sampling_params
+from .options import (
+    add_common,
+    check_cache_options,
+    constraints_for,
+    engine_for,
+    print_stats,
+    read_json_schema,
+    read_prompts,
+    sampling_params,
+)
 
 
 def add_parser(sub) -> None:
@@ -20,6 +29,7 @@ def add_parser(sub) -> None:
 def validate(args) -> None:
     check_cache_options(args)
     args.params = sampling_params(args)
+    read_json_schema(args)  # readable JSON before the model loads
 
 
 def run(args) -> int:
@@ -27,19 +37,20 @@ def run(args) -> int:
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     engine, params = engine_for(args)
+    args.constraints = constraints_for(engine, args)
     session = ChatSession(engine, system=args.system)
     if prompts:
         for i, message in enumerate(prompts, 1):
             print(f"\n### round {i} · user: {message}\n### assistant: ", end="", flush=True)
-            _answer(session, message, params)
+            _answer(session, message, params, args.constraints)
             print(f"[seen {engine.tokens_seen} · cached {engine.tokens_cached}]", flush=True)
         print_stats(engine, args, {"rounds": len(prompts)})
         return 0
     return _repl(session, params, args)
 
 
-def _answer(session, message, params) -> None:
-    stream = session.send(message, params)
+def _answer(session, message, params, constraints=None) -> None:
+    stream = session.send(message, params, constraints() if constraints else None)
     try:
         for piece in stream:
             sys.stdout.write(piece)
@@ -89,7 +100,7 @@ def _repl(session, params, args) -> int:
                 print(json.dumps(session.engine.summary() | {"turns": session.turns}), file=sys.stderr)
                 continue
             print("bot> ", end="", flush=True)
-            _answer(session, message, params)
+            _answer(session, message, params, args.constraints)
     finally:
         if readline is not None:
             with contextlib.suppress(OSError):

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
-from .options import UsageError, add_common, check_cache_options, engine_for, print_stats, read_prompts, sampling_params
+from .options import (
+    UsageError,
+    add_common,
+    check_cache_options,
+    constraints_for,
+    engine_for,
+    print_stats,
+    read_json_schema,
+    read_prompts,
+    sampling_params,
+)
 
 
 def add_parser(sub) -> None:
@@ -26,6 +36,7 @@ def validate(args) -> None:
         raise UsageError("--prompt is empty")
     if args.batch_file is not None:
         args.prompts = read_prompts(args.batch_file)
+    read_json_schema(args)  # readable JSON before the model loads
 
 
 def _prompt_ids(engine, text: str, chat: bool) -> list[int]:
@@ -39,8 +50,9 @@ def _prompt_ids(engine, text: str, chat: bool) -> list[int]:
 def _run_batch(args) -> int:
     engine, params = engine_for(args)
     ids = [_prompt_ids(engine, p, args.chat) for p in args.prompts]
+    make = constraints_for(engine, args)
     texts, tokens = [""] * len(ids), [0] * len(ids)
-    for row, tok in engine.generate_batch(ids, params):
+    for row, tok in engine.generate_batch(ids, params, [make() for _ in ids] if make else None):
         texts[row] += tok.text
         tokens[row] += tok.id >= 0
     for i, (prompt, text) in enumerate(zip(args.prompts, texts), 1):
@@ -56,16 +68,26 @@ def run(args) -> int:
     if args.batch_file is not None:
         return _run_batch(args)
     engine, params = engine_for(args)
+    make = constraints_for(engine, args)
+    constraint = make() if make else None
     if args.chat:
         from ..chat import ChatSession
 
-        pieces = ChatSession(engine).send(args.prompt, params)
+        pieces = ChatSession(engine).send(args.prompt, params, constraint)
     else:
         ids = engine.tokenizer(args.prompt).input_ids
-        pieces = (t.text for t in engine.generate(ids, params))
+        pieces = (t.text for t in engine.generate(ids, params, constraint))
+    wrote = False
     for piece in pieces:
+        wrote = wrote or bool(piece.strip())
         sys.stdout.write(piece)
         sys.stdout.flush()
     print(flush=True)
+    if not wrote and not args.chat and engine.stats.finish_reason == "stop" and engine.tokenizer.chat_template:
+        print(
+            "sinkstream: the model ended its answer at once. It has a chat template, so it is likely an "
+            "instruct model: add --chat to send the prompt as a user message.",
+            file=sys.stderr,
+        )
     print_stats(engine, args, {"finish_reason": engine.stats.finish_reason})
     return 0

@@ -99,6 +99,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's meaning")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    j = s.add_mutually_exclusive_group()
+    j.add_argument("--json-schema", metavar="FILE", help="answer with JSON that validates against this JSON schema")
+    j.add_argument("--json-object", action="store_true", help="answer with a JSON object")
     p.add_argument("--json", action="store_true", help="print one JSON stats object as the last line")
 
 
@@ -158,6 +161,37 @@ def sampling_params(args):
     except ValueError as e:
         field, rest = str(e).split(" ", 1)
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
+
+
+def read_json_schema(args) -> dict | None:
+    """The --json-schema file's schema (None without the option)."""
+    if not getattr(args, "json_schema", None):
+        return None
+    try:
+        schema = json.loads(read_text(args.json_schema))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--json-schema '{args.json_schema}' is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--json-schema '{args.json_schema}' is not a JSON schema object")
+    return schema
+
+
+def constraints_for(engine, args):
+    """A function giving each answer its own grammar state (``--json-schema``, ``--json-object``),
+    or None. The schema is compiled here, so one the compiler cannot take is a usage error."""
+    schema = read_json_schema(args)
+    if schema is None and not getattr(args, "json_object", False):
+        return None
+    from ..grammar import GrammarError, Grammars
+
+    vocab = engine.model.config.get_text_config().vocab_size
+    grammars = Grammars(engine.tokenizer, vocab, engine.eos_ids)
+    make = grammars.json_object if schema is None else (lambda: grammars.json_schema(schema))
+    try:
+        make()
+    except GrammarError as e:
+        raise UsageError(f"--json-schema: {e}") from None
+    return make
 
 
 def kv_dtype(args):
