@@ -322,6 +322,38 @@ def test_disconnect_and_busy_session(guarded):
     assert guarded.request("GET", "/v1/sessions/d", headers=AUTH)[0] == 404
 
 
+@pytest.fixture(scope="module")
+def queued(model_dir, tmp_path_factory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("queued") / "s", "--session-wait", "2", "--session-queue", "1")
+    yield srv.start()
+    srv.stop()
+
+
+def test_busy_session_queue(queued):
+    """--session-wait 2 --session-queue 1: a second request waits its turn (2 s at most), a third is
+    refused while the second waits, and the one after the first ends is served."""
+    conn, _ = _open_stream(queued, "q", max_tokens=16000)  # busy far longer than 2 s
+    waited = {}
+
+    def second():
+        waited["t0"] = time.perf_counter()
+        waited["answer"] = queued.request("POST", "/v1/chat/completions", {**GOOD, "session_id": "q"})
+        waited["s"] = time.perf_counter() - waited["t0"]
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.5)
+    status, err = queued.request("POST", "/v1/chat/completions", {**GOOD, "session_id": "q"})
+    assert status == 409 and err["error"]["code"] == "session_queue_full"
+    t.join()
+    status, err = waited["answer"]
+    assert status == 409 and err["error"]["code"] == "session_busy_timeout" and 1.9 < waited["s"] < 10
+    conn.sock.shutdown(2)
+    conn.close()  # the first request ends (rolled back); a request now waits for that, then is served
+    status, body = queued.request("POST", "/v1/chat/completions", {**GOOD, "session_id": "q"})
+    assert status == 200 and body["session"]["turns"] == 1
+
+
 EXTREME_BUT_VALID = [  # answered: a tiny temperature or top_p is greedy-like, not NaN
     {"temperature": 1e-300},
     {"top_p": 1e-300},
@@ -341,7 +373,6 @@ REFUSED = [  # (fields, or raw JSON of the fields, and the word the 400 names)
     ('"top_p": Infinity', "top_p"),
     ('"temperature": 1e400', "temperature"),
     ('"logit_bias": {"5": -Infinity}', "logit_bias"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_tokens": 10**30}, "max_tokens"),
     ({"n": 10**30}, "n"),
     ({"temperature": -1e-300}, "temperature"),
@@ -392,7 +423,7 @@ def test_bad_requests_never_hurt_other_streams(guarded):
     )
     assert status == 400 and "top_logprobs" in err["error"]["message"]
     status, err = guarded.request("POST", "/v1/completions", {"prompt": ["abc"] * 65}, AUTH)
-    assert status == 400 and "prompts" in err["error"]["message"]
+    assert status == 400 and "at most 64" in err["error"]["message"] and err["error"]["param"] == "prompt"
     assert guarded.request("GET", "/health")[0] == 200
     for sid, (conn, r) in zip(("iso-a", "iso-b"), streams):
         events = _finish_stream(conn, r)

@@ -48,6 +48,13 @@ def add_parser(sub) -> None:
         default=None,
         help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)",
     )
+    s.add_argument(
+        "--session-wait",
+        type=float,
+        default=0.0,
+        help="seconds a request for a busy session waits its turn (default 0: refused at once with 409)",
+    )
+    s.add_argument("--session-queue", type=int, default=8, help="requests that may wait for one session (default 8)")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
     s.add_argument(
@@ -67,6 +74,10 @@ def validate(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_sessions < 0:
         raise UsageError(f"--max-sessions must be >= 0, got {args.max_sessions}")
+    if not args.session_wait >= 0:  # NaN fails too
+        raise UsageError(f"--session-wait must be >= 0 seconds, got {args.session_wait}")
+    if args.session_queue < 1:
+        raise UsageError(f"--session-queue must be >= 1, got {args.session_queue}")
     if args.max_body_mb <= 0:
         raise UsageError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.default_max_tokens > args.max_completion_tokens:
@@ -107,6 +118,8 @@ def run(args) -> int:
         state_dir=args.state_dir,
         api_key=args.api_key,
         max_sessions=args.max_sessions,
+        session_wait_s=args.session_wait,
+        session_queue=args.session_queue,
         max_request_tokens=args.max_request_tokens,
         max_completion_tokens=args.max_completion_tokens,
         default_max_tokens=args.default_max_tokens,

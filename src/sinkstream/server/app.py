@@ -4,7 +4,8 @@
 
 Requests become ``Job``s for the model's one ``Worker`` thread (continuous batching); their events come
 back to the request's coroutine through an asyncio queue. A request naming a ``session_id`` leases
-that session from the ``SessionStore`` (409 while another request has it), feeds only its new message,
+that session from the ``SessionStore`` (409 while another request has it, or a bounded wait:
+``leases``), feeds only its new message,
 and commits the finished turn (snapshot + transcript) before the last event is sent.
 
 The pieces: ``routes`` (thin HTTP routes), ``serving`` (each route's logic and checks), ``turns``
@@ -22,6 +23,7 @@ from fastapi import FastAPI
 from ..grammar import Grammars
 from . import openapi
 from .errors import install_error_handlers
+from .leases import Leases
 from .limits import RequestLimits
 from .metrics import Metrics
 from .routes import api, open_routes
@@ -47,6 +49,8 @@ class ServerConfig:
     prefill_chunk: int | None = None
     decode: str = "auto"  # one-token steps: the fused decoder where it applies (auto | fused | transformers)
     kv_dtype: str | None = None  # keys/values of new caches stored in this dtype (None: the model's)
+    session_wait_s: float = 0.0  # a request for a busy session waits this long (0: 409 at once)
+    session_queue: int = 8  # requests that may wait for one session
 
     def check(self) -> None:
         for name in (
@@ -61,6 +65,8 @@ class ServerConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.n_sink < 0 or self.max_sessions < 0:
             raise ValueError("sink and max-sessions must be >= 0")
+        if not (self.session_wait_s >= 0 and self.session_queue >= 1):  # NaN fails too
+            raise ValueError("session-wait must be >= 0 and session-queue >= 1")
 
 
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
@@ -81,7 +87,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         store.close()
 
     app = FastAPI(title="sinkstream", version="0.1.0", lifespan=lifespan)
-    turns = Turns(worker, store, metrics, tokenizer, cache_capacity=config.n_sink + config.window)
+    leases = Leases(store, wait_s=config.session_wait_s, queue_size=config.session_queue)
+    turns = Turns(worker, leases, metrics, tokenizer, cache_capacity=config.n_sink + config.window)
     grammars = Grammars(tokenizer, model.config.get_text_config().vocab_size, worker.eos_ids)
     checks = RequestChecks(config, model.config, grammars)
     app.state.store, app.state.worker, app.state.metrics, app.state.config = store, worker, metrics, config

@@ -77,13 +77,25 @@ async def _api_error(request, exc: ApiError):
     return exc.response()
 
 
+def _first_error(errors: list[dict]) -> dict:
+    """The error to report: for a value of a union (``str | list[str]``), the branch the value was
+    meant for (the one that did not fail on its type), not the first one tried."""
+    meant = [e for e in errors if not e.get("type", "").endswith("_type")]
+    return (meant or errors or [{}])[0]
+
+
+def _where(loc) -> str:
+    """``prompt.list[str]`` -> ``prompt``: the field's path without the union branch's name."""
+    names = {"str", "int", "float", "bool", "dict", "list", "function-before", "function-after"}
+    return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in names)))
+
+
 async def _invalid(request, exc: RequestValidationError):
-    err = exc.errors()[0] if exc.errors() else {}
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    err = _first_error(exc.errors())
     msg = err.get("msg", "invalid request")
     if err.get("type") == "json_invalid":
         msg = "the body is not valid JSON (UTF-8)"
-    where = ".".join(loc)
+    where = _where(err.get("loc", ()))
     return ApiError(
         400, f"{where + ': ' if where else ''}{msg}", code="invalid_request", param=where or None
     ).response()

@@ -16,9 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import Conversation
 from . import protocol as P
-from .errors import ApiError, generation_failed
+from .errors import generation_failed
 from .events import DoneEvent, ErrorEvent, TokenEvent
-from .store import Session, SessionBusy, SessionStore
+from .leases import Leases
+from .store import Session
 from .worker import Job, Worker
 
 
@@ -66,9 +67,9 @@ async def queue_items(queue: asyncio.Queue, request: Request):
 class Turns:
     """Submits turns to the worker and sees each one to its end."""
 
-    def __init__(self, worker: Worker, store: SessionStore, metrics, tokenizer, cache_capacity: int):
-        self.worker, self.store, self.metrics, self.tokenizer = worker, store, metrics, tokenizer
-        self.cache_capacity = cache_capacity
+    def __init__(self, worker: Worker, leases: Leases, metrics, tokenizer, cache_capacity: int):
+        self.worker, self.leases, self.store = worker, leases, leases.store
+        self.metrics, self.tokenizer, self.cache_capacity = metrics, tokenizer, cache_capacity
 
     def submit(self, turn: Turn) -> None:
         self.worker.submit(turn.job)
@@ -87,20 +88,7 @@ class Turns:
             raise
 
     async def lease(self, sid: str) -> Session:
-        """``store.acquire`` in a thread; a request cancelled meanwhile hands the lease back when it comes."""
-        lease = asyncio.ensure_future(run_in_threadpool(self.store.acquire, sid))
-        try:
-            return await asyncio.shield(lease)
-        except SessionBusy:
-            raise ApiError(
-                409,
-                f"session '{sid}' is answering another request; retry when it is done",
-                code="session_busy",
-                param="session_id",
-            ) from None
-        except asyncio.CancelledError:
-            lease.add_done_callback(lambda f: f.cancelled() or f.exception() or self.store.rollback(f.result()))
-            raise
+        return await self.leases.acquire(sid)
 
     async def events(self, turn: Turn, request: Request):
         """The job's token events as they come; on ``done`` the turn is committed (or rolled back)
