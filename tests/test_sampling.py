@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sinkstream.sampling import GREEDY_BELOW, SamplingError, SamplingParams, probabilities, sample
+from sinkstream.sampling import GREEDY_BELOW, SamplingError, SamplingParams, penalize, probabilities, sample
 
 
 def test_sampling_rules():
@@ -101,3 +101,51 @@ def test_undrawable_rows_raise(row):
     for params in (SamplingParams(), SamplingParams(temperature=1.0)):
         with pytest.raises(SamplingError):
             sample(row[None], params)
+
+
+def _penalized_by_hand(logits, recent, answer, rep, presence, frequency):
+    """The penalties as vLLM and OpenAI define them, one token at a time."""
+    out = logits.clone()
+    for t in set(recent):
+        out[t] = out[t] / rep if out[t] > 0 else out[t] * rep
+    for t in set(answer):
+        out[t] -= presence + frequency * answer.count(t)
+    return out
+
+
+@pytest.mark.parametrize(
+    "rep, presence, frequency", [(1.3, 0.0, 0.0), (0.7, 0.5, 0.0), (1.0, -1.0, 0.8), (2.0, 2.0, 2.0)]
+)
+def test_penalties_match_their_definition(rep, presence, frequency):
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 3
+    recent, answer = [5, 9, 9, 17, 40, 40, 40], [9, 40, 40, 2]
+    params = SamplingParams(repetition_penalty=rep, presence_penalty=presence, frequency_penalty=frequency,
+                            penalty_last_n=0)  # fmt: skip
+    got = penalize(logits, params, recent, answer)[0]
+    assert torch.allclose(got, _penalized_by_hand(logits[0], recent, answer, rep, presence, frequency), atol=1e-6)
+
+
+def test_repetition_penalty_window_and_greedy():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])
+    assert sample(logits, SamplingParams(), None).item() == 1
+    # token 1 was said in the last 2 tokens: divided by 2 it loses to token 2, greedy still
+    p = SamplingParams(repetition_penalty=2.0, penalty_last_n=2)
+    assert sample(penalize(logits, p, [3, 1], []), p, None).item() == 2
+    assert sample(penalize(logits, p, [1, 3, 3], []), p, None).item() == 1  # out of the window
+
+
+def test_min_p_keeps_tokens_near_the_likeliest():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = probabilities(logits, SamplingParams(temperature=1.0, min_p=0.2))  # keeps p >= 0.1
+    assert torch.allclose(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+    one = probabilities(logits, SamplingParams(temperature=1.0, min_p=1.0))
+    assert one[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(min_p=1.5), dict(min_p=-0.1), dict(repetition_penalty=0), dict(repetition_penalty=1e-30),
+            dict(repetition_penalty=math.nan), dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(penalty_last_n=-1)],
+)  # fmt: skip
+def test_penalty_params_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
