@@ -8,6 +8,7 @@ import os
 import sys
 
 from .options import (
+    CHAT_SAMPLING,
     add_common,
     check_cache_options,
     constraints_for,
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
     c = sub.add_parser("chat", help="multi-turn chat that streams far past its cache")
     c.add_argument("--prompts", default=None, help="file with one user message per line (scripted rounds)")
     c.add_argument("--system", default=None, help="system message")
-    add_common(c)
+    add_common(c, sampling=CHAT_SAMPLING)
 
 
 def validate(args) -> None:

@@ -1,11 +1,14 @@
 """The OpenAI-compatible wire format: request and response bodies as pydantic models.
 
-Fields OpenAI clients commonly send and sinkstream does not use (penalties, user, ...) are accepted
-and ignored; ``n`` must be 1. ``session_id`` is sinkstream's extra field: the name of an endless
-conversation whose cache the server keeps (OpenAI clients pass it with ``extra_body``).
+Fields OpenAI clients send are taken (tools, ``response_format``, penalties, ``stream_options``);
+``user`` and ``parallel_tool_calls`` are accepted and not used; unknown fields are ignored, as OpenAI
+does; ``n`` must be 1. ``session_id`` is sinkstream's extra field: the name of an endless
+conversation whose cache the server keeps (OpenAI clients pass it with ``extra_body``), as are
+``repetition_penalty``, ``min_p`` and ``top_k`` (vLLM's and llama.cpp's names).
 
-Every number is range-checked here, where it enters: no NaN or infinity anywhere, seeds within what
-``torch.Generator`` takes, ``logit_bias`` keys as plain token ids. Values that are valid but extreme keep
+Every number is range-checked here, where it enters, and the schema states each range (the OpenAPI
+document is generated from these models): no NaN or infinity anywhere, JSON integers only where an
+integer is meant, seeds within what ``torch.Generator`` takes. Values that are valid but extreme keep
 a defined meaning (``sampling``): a temperature below 1e-5 is greedy, a tiny ``top_p`` keeps the
 likeliest token.
 """
