@@ -57,7 +57,11 @@ def main() -> None:
     engine = Engine(model, tok, n_sink=4, window=1020)
     grammars = Grammars(tok, model.config.get_text_config().vocab_size, engine.eos_ids)
     ids = Conversation().begin(tok, PROMPT)
-    variants = {"free": lambda: None, "json_object": grammars.json_object, "json_schema": lambda: grammars.json_schema(SCHEMA)}
+    variants = {
+        "free": lambda: None,
+        "json_object": grammars.json_object,
+        "json_schema": lambda: grammars.json_schema(SCHEMA),
+    }
     rates = {name: [] for name in variants}
     tokens = {name: [] for name in variants}
     decode_rate(engine, ids, 16, None)  # warm-up
