@@ -207,7 +207,7 @@ def test_openai_request_shapes(server):
     plain = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}
     assert status == 200 and parts["choices"][0]["message"] == request(server.url, "POST", "/v1/chat/completions", plain)[1]["choices"][0]["message"]  # fmt: skip
     status, err = request(server.url, "POST", "/v1/chat/completions", {**plain, "n": 3})
-    assert status == 400 and err["error"]["param"] == "n"
+    assert status == 400 and err["error"]["param"] == "n" and "send n requests" in err["error"]["message"]
     # stream_options are for streams; include_usage gives a last chunk with usage only
     status, raw = request(server.url, "POST", "/v1/chat/completions",
                           {**plain, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip

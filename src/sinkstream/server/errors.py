@@ -90,12 +90,18 @@ def _where(loc) -> str:
     return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in names)))
 
 
+# what to do instead, for fields whose limits are this server's choice
+HINTS = {"n": "this server returns one choice per request: send n requests (with different seeds) for n answers"}
+
+
 async def _invalid(request, exc: RequestValidationError):
     err = _first_error(exc.errors())
     msg = err.get("msg", "invalid request")
     if err.get("type") == "json_invalid":
         msg = "the body is not valid JSON (UTF-8)"
     where = _where(err.get("loc", ()))
+    if where in HINTS:
+        msg = f"{msg}; {HINTS[where]}"
     return ApiError(
         400, f"{where + ': ' if where else ''}{msg}", code="invalid_request", param=where or None
     ).response()
