@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sinkstream-installed
 
-.PHONY: demo test test-slow lint format docs bench models clean chromium
+.PHONY: demo test test-slow lint format docs bench models clean chromium postgresql
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ chromium:
 		{ apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
 		>/dev/null 2>&1 || echo "chromium could not be installed: the web page test will skip")
 
+# the store tests start a throwaway PostgreSQL server (initdb in a temp dir); they skip where it cannot be installed
+postgresql:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(export DEBIAN_FRONTEND=noninteractive; \
+		{ apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }; } \
+		>/dev/null 2>&1 || echo "postgresql could not be installed: the PostgreSQL store tests will skip")
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
@@ -42,7 +49,7 @@ format: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
-test: $(STAMP) chromium lint
+test: $(STAMP) chromium postgresql lint
 	$(PY) -m pytest -q -m "slow or not slow"  # CI budget allows the real-model tests (~5 min)
 
 test-slow: $(STAMP)

@@ -131,8 +131,10 @@ def _turn(c, sid, text):
     return r.choices[0].message.content, lp
 
 
-def test_restart_continues_exactly(model_dir, tmp_path):
-    srv = Server(model_dir, tmp_path / "state").start()
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_restart_continues_exactly(model_dir, tmp_path, request, store):
+    extra = ["--store", request.getfixturevalue("postgres").fresh_database("restart")] if store == "postgresql" else []
+    srv = Server(model_dir, tmp_path / "state", *extra).start()
     try:
         c = client(srv)
         for sid in ("r", "ref"):
@@ -457,6 +459,9 @@ def test_serve_cli_errors(capsys):
         (["--port", "70000"], "--port"),
         (["--max-sessions", "-1"], "--max-sessions"),
         (["--max-batch", "0"], "--max-batch"),
+        (["--store", "mysql://x"], "postgresql://"),
+        (["--store", "postgresql://nobody@127.0.0.1:1/none"], "cannot open --store"),
+        (["--session-wait", "-1"], "--session-wait"),
     ):
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err

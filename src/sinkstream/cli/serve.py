@@ -28,6 +28,17 @@ def add_parser(sub) -> None:
         help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})",
     )
     s.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="sessions' records in this PostgreSQL database (postgresql://…; default: SQLite in --state-dir)",
+    )
+    s.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
+    )
+    s.add_argument(
         "--max-sessions",
         type=int,
         default=16,
@@ -91,6 +102,21 @@ def validate(args) -> None:
     if not os.access(state, os.W_OK):
         raise UsageError(f"--state-dir '{state}' is not writable")
     args.state_dir = state
+    _check_store(args)
+
+
+def _check_store(args) -> None:
+    """--store opens (before the model loads: a wrong URL is one line, not a traceback)."""
+    if not args.store:
+        return
+    from ..server.records import open_records
+
+    try:
+        open_records(args.store, args.state_dir).close()
+    except ImportError:
+        raise UsageError("--store postgresql:// needs psycopg: pip install 'sinkstream[postgres]'") from None
+    except Exception as e:  # psycopg's OperationalError, a bad URL: said in one line
+        raise UsageError(f"cannot open --store: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 def run(args) -> int:
@@ -116,6 +142,8 @@ def run(args) -> int:
         n_sink=args.sink,
         window=args.window,
         state_dir=args.state_dir,
+        store_url=args.store,
+        snapshot_dir=args.snapshot_dir,
         api_key=args.api_key,
         max_sessions=args.max_sessions,
         session_wait_s=args.session_wait,

@@ -26,11 +26,16 @@ from .errors import install_error_handlers
 from .leases import Leases
 from .limits import RequestLimits
 from .metrics import Metrics
+from .records import open_records
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
 from .store import SessionStore
 from .turns import Turns
 from .worker import Worker
+
+# A snapshot no record names is a crash's leftover only once no replica can still be between writing it
+# and committing the record that names it.
+SHARED_ORPHAN_GRACE_S = 3600.0
 
 
 @dataclass
@@ -39,6 +44,8 @@ class ServerConfig:
     n_sink: int = 4
     window: int = 1020
     state_dir: str | Path = "sinkstream-state"
+    store_url: str | None = None  # postgresql://… for records shared by replicas (None: SQLite in state_dir)
+    snapshot_dir: str | Path | None = None  # None: state_dir/caches
     api_key: str | None = None
     max_sessions: int = 16  # idle sessions whose cache stays in memory
     max_request_tokens: int = 1_000_000  # tokens one request may feed (a long history streams in chunks)
@@ -74,7 +81,10 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     metrics = Metrics()
     device = next(model.parameters()).device
     store = SessionStore(config.state_dir, model_config=model.config, n_sink=config.n_sink, window=config.window,
-                         max_sessions=config.max_sessions, device=device)  # fmt: skip
+                         max_sessions=config.max_sessions, device=device,
+                         records=open_records(config.store_url, Path(config.state_dir)),
+                         snapshot_dir=config.snapshot_dir,
+                         orphan_grace_s=SHARED_ORPHAN_GRACE_S if config.store_url else 0.0)  # fmt: skip
     chunk = min(config.prefill_chunk or max(1, config.window // 2), config.window)
     worker = Worker(model, tokenizer, prefill_chunk=chunk, max_batch=config.max_batch, metrics=metrics,
                     decode=config.decode)  # fmt: skip

@@ -1,61 +1,37 @@
-"""Endless sessions that survive restarts: the transcript in SQLite, the sink cache on disk.
+"""Endless sessions that survive restarts: each session's record (counters, transcript, the name of
+its cache snapshot) in a database, its sink cache in a snapshot.
 
 Every completed turn is committed in this order:
 
-1. the session's cache is written to ``caches/<id>.<turn>.safetensors`` through a temporary file that
-   is fsynced and renamed into place (a crash leaves either no file or a whole one);
-2. one SQLite transaction appends the turn's messages and points the session at the new snapshot;
+1. the session's cache is written as a new snapshot ``<id>.<turn>.safetensors`` (whole or not at all:
+   ``snapshots``);
+2. one transaction appends the turn's messages and points the session's record at the new snapshot
+   (``records``: SQLite by default, PostgreSQL for a store that several replicas share);
 3. the previous snapshot is deleted.
 
-A crash between 1 and 2 leaves an orphan file the next start removes; the database still names the
-previous snapshot, which step 3 had not deleted yet. So a session is always at its last committed
+A crash between 1 and 2 leaves an orphan snapshot, which a later start removes; the record still names
+the previous snapshot, which step 3 had not deleted yet. So a session is always at its last committed
 turn, with the cache that belongs to it. A turn that fails or is abandoned is rolled back by
-forgetting the in-memory copy: the next request reloads the last commit from disk.
+forgetting the in-memory copy: the next request reloads the last commit.
 
 At most ``max_sessions`` idle sessions keep their cache in memory (least recently used first out);
-the others are on disk only and come back on their next request. A session is leased to one request
-at a time: ``acquire`` raises ``SessionBusy`` for a second one (the server answers 409).
+the others are in the store only and come back on their next request. A session is leased to one
+request at a time: ``acquire`` raises ``SessionBusy`` for a second one (the server answers 409, or
+queues it: ``leases``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from ..cache import SinkCache
 from ..chat import Conversation
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    turns INTEGER NOT NULL,
-    tokens_seen INTEGER NOT NULL,
-    tokens_cached INTEGER NOT NULL,
-    snapshot TEXT NOT NULL,
-    system TEXT
-);
-CREATE TABLE IF NOT EXISTS messages (
-    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    turn INTEGER NOT NULL,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    fed TEXT NOT NULL,          -- the text this message added to the stream (template markers included)
-    created REAL NOT NULL,
-    PRIMARY KEY (session_id, seq)
-);
-"""
+from .records import MessageRow, SessionRow, SqlRecords, open_records
+from .snapshots import LocalSnapshots
 
 
 class SessionBusy(Exception):
@@ -91,54 +67,71 @@ class Session:
 
 
 class SessionStore:
+    """``state_dir`` holds the SQLite records and the snapshots unless ``records`` (a ``--store`` URL's,
+    say) and ``snapshot_dir`` put them elsewhere. ``orphan_grace_s``: how old a snapshot no record
+    names must be before a start removes it (0 when this process alone writes the directory; a shared
+    one needs time for another replica's commit between its steps 1 and 2)."""
+
     def __init__(
-        self, state_dir: str | Path, *, model_config, n_sink: int, window: int, max_sessions: int, device=None
-    ):
+        self, state_dir: str | Path, *, model_config, n_sink: int, window: int, max_sessions: int, device=None,
+        records: SqlRecords | None = None, snapshot_dir: str | Path | None = None, orphan_grace_s: float = 0.0,
+    ):  # fmt: skip
         self.root = Path(state_dir)
-        self.caches = self.root / "caches"
-        self.caches.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.snapshots = LocalSnapshots(snapshot_dir or self.root / "caches")
+        self.records = records or open_records(None, self.root)
         self.config, self.n_sink, self.window = model_config, n_sink, window
         self.max_sessions, self.device = max_sessions, device
-        self.lock = threading.RLock()  # guards the db connection, the memory map and the leases
-        self.db = sqlite3.connect(self.root / "sessions.db", check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self.lock = threading.RLock()  # guards the memory map and the leases
         self.memory: OrderedDict[str, Session] = OrderedDict()  # idle sessions with their cache, LRU last
         self.leased: set[str] = set()
-        self.recover()
+        self.recover(orphan_grace_s)
+
+    @property
+    def caches(self) -> Path:
+        return self.snapshots.root
 
     # -- start-up -----------------------------------------------------------------------------------
-    def recover(self) -> dict:
-        """Remove what a crash can leave: temporary files and snapshots no session points to."""
-        with self.lock:
-            live = {row[0] for row in self.db.execute("SELECT snapshot FROM sessions")}
+    def recover(self, grace_s: float = 0.0) -> dict:
+        """Remove what a crash can leave: temporary files and snapshots no session points to (older
+        than ``grace_s``)."""
+        live = self.records.snapshots()
         removed = 0
-        for path in self.caches.iterdir():
-            if path.name not in live:
-                path.unlink(missing_ok=True)
+        for name in self.snapshots.names() - live:
+            if time.time() - (self.caches / name).stat().st_mtime >= grace_s:
+                self.snapshots.delete(name)
                 removed += 1
         return {"removed_files": removed, "sessions": len(live)}
 
     # -- leases -------------------------------------------------------------------------------------
     def acquire(self, sid: str) -> Session:
-        """The session ``sid`` (a new, empty one if it does not exist), leased to the caller."""
+        """The session ``sid`` (a new, empty one if it does not exist), leased to the caller. With
+        records other processes share, the session is also taken from them (``records.try_lock``),
+        and an in-memory copy older than the stored commit (another replica went on) is reloaded."""
         with self.lock:
             if sid in self.leased:
                 raise SessionBusy(sid)
             self.leased.add(sid)
+        if not self.records.try_lock(sid):
+            self.release(sid)
+            raise SessionBusy(sid)
         try:
             with self.lock:
                 session = self.memory.pop(sid, None)
-            return session or self._load(sid) or Session(sid, Conversation(), None)
+            row = self.records.session(sid)
+            if session is not None and (row is None or row.snapshot != session.snapshot):
+                session = None  # stale: committed elsewhere since, or deleted
+            return session or self._load(row) or Session(sid, Conversation(), None)
         except BaseException:
             self.release(sid)
             raise
 
     def release(self, sid: str) -> None:
         with self.lock:
+            if sid not in self.leased:
+                return
             self.leased.discard(sid)
+        self.records.unlock(sid)
 
     def keep(self, session: Session) -> None:
         """Return a leased session (committed or unchanged) to memory and end the lease."""
@@ -147,149 +140,93 @@ class SessionStore:
                 self.memory[session.id] = session
                 self.memory.move_to_end(session.id)
                 while len(self.memory) > self.max_sessions:
-                    self.memory.popitem(last=False)  # on disk already: every turn was committed
-            self.leased.discard(session.id)
+                    self.memory.popitem(last=False)  # stored already: every turn was committed
+        self.release(session.id)
 
     def rollback(self, session: Session) -> None:
         """Forget a leased session's uncommitted changes (its cache may be mid-turn): the next request
-        reloads its last commit from disk."""
+        reloads its last commit."""
         with self.lock:
             self.memory.pop(session.id, None)
-            self.leased.discard(session.id)
+        self.release(session.id)
 
     # -- commits ------------------------------------------------------------------------------------
     def commit(self, session: Session, cache: SinkCache, messages_before: int) -> None:
         """Persist the turn that took the conversation from ``messages_before`` messages to now."""
         conv = session.conversation
-        turn = conv.turns
-        name = f"{session.id}.{turn}.safetensors"
-        self._write_snapshot(cache, self.caches / name)
-        now = time.time()
+        name = f"{session.id}.{conv.turns}.safetensors"
+        self.snapshots.write(name, cache)
         session.mark()
-        new = conv.messages[messages_before:]
         ends = session.fed_len
-        fed = [conv.fed_text[(ends[i - 1] if i else 0) : ends[i]] for i in range(messages_before, len(ends))]
-        with self.lock:
-            old = session.snapshot
-            with self.db:  # one transaction
-                self.db.execute("BEGIN")
-                self.db.execute(
-                    "INSERT INTO sessions (id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET updated=excluded.updated, "
-                    "turns=excluded.turns, tokens_seen=excluded.tokens_seen, tokens_cached=excluded.tokens_cached, "
-                    "snapshot=excluded.snapshot",
-                    (session.id, session.created, now, turn, cache.tokens_seen, cache.tokens_cached, name, conv.system),
-                )
-                self.db.executemany(
-                    "INSERT INTO messages (session_id, seq, turn, role, content, fed, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (session.id, messages_before + i, turn, m["role"], m["content"], f, now)
-                        for i, (m, f) in enumerate(zip(new, fed))
-                    ],
-                )
-            session.snapshot, session.cache = name, cache
+        messages = [
+            MessageRow(i, conv.turns, m["role"], m["content"], conv.fed_text[(ends[i - 1] if i else 0) : ends[i]])
+            for i, m in enumerate(conv.messages) if i >= messages_before
+        ]  # fmt: skip
+        row = SessionRow(session.id, session.created, time.time(), conv.turns, cache.tokens_seen,
+                         cache.tokens_cached, name, conv.system)  # fmt: skip
+        old = self.records.commit(row, messages)
+        session.snapshot, session.cache = name, cache
         if old and old != name:
-            (self.caches / old).unlink(missing_ok=True)
-
-    def _write_snapshot(self, cache: SinkCache, path: Path) -> None:
-        tensors, meta = cache.state()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"sinkstream": json.dumps(meta)},
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(self.caches, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself is durable
-        finally:
-            os.close(fd)
+            self.snapshots.delete(old)
 
     # -- reads --------------------------------------------------------------------------------------
-    def _load(self, sid: str) -> Session | None:
-        with self.lock:
-            row = self.db.execute(
-                "SELECT created, turns, snapshot, system FROM sessions WHERE id = ?", (sid,)
-            ).fetchone()
-            if row is None:
-                return None
-            msgs = self.db.execute(
-                "SELECT role, content, fed FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
-            ).fetchall()
-        created, turns, snapshot, system = row
-        with safe_open(str(self.caches / snapshot), framework="pt") as f:
-            meta = json.loads(f.metadata()["sinkstream"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not iterable)
-        cache = SinkCache.from_state(tensors, meta, config=self.config, device=self.device)
+    def _load(self, row: SessionRow | None) -> Session | None:
+        if row is None:
+            return None
+        sid = row.id
+        msgs = self.records.messages(sid)
+        cache = self.snapshots.read(row.snapshot, config=self.config, device=self.device)
         fed_len, total = [], 0
-        for _, _, fed in msgs:
-            total += len(fed)
+        for m in msgs:
+            total += len(m.fed)
             fed_len.append(total)
         conv = Conversation(
-            system=system,
-            messages=[{"role": r, "content": c} for r, c, _ in msgs],
-            fed_text="".join(f for _, _, f in msgs),
-            turns=turns,
+            system=row.system,
+            messages=[{"role": m.role, "content": m.content} for m in msgs],
+            fed_text="".join(m.fed for m in msgs),
+            turns=row.turns,
         )
-        return Session(sid, conv, cache, snapshot=snapshot, created=created, fed_len=fed_len)
+        return Session(sid, conv, cache, snapshot=row.snapshot, created=row.created, fed_len=fed_len)
 
     def info(self, sid: str) -> dict:
-        with self.lock:
-            row = self.db.execute(
-                "SELECT turns, tokens_seen, tokens_cached, created, updated FROM sessions WHERE id = ?", (sid,)
-            ).fetchone()
+        row = self.records.session(sid)
         if row is None:
             raise SessionNotFound(sid)
-        turns, seen, cached, created, updated = row
         return {
             "id": sid,
-            "turns": turns,
-            "tokens_seen": seen,
-            "tokens_cached": cached,
+            "turns": row.turns,
+            "tokens_seen": row.tokens_seen,
+            "tokens_cached": row.tokens_cached,
             "cache_capacity": self.n_sink + self.window,
-            "created": int(created),
-            "updated": int(updated),
+            "created": int(row.created),
+            "updated": int(row.updated),
             "in_memory": sid in self.memory,
             "busy": sid in self.leased,
         }
 
     def transcript(self, sid: str) -> list[dict]:
         self.info(sid)
-        with self.lock:
-            rows = self.db.execute(
-                "SELECT turn, role, content FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
-            ).fetchall()
-        return [{"turn": t, "role": r, "content": c} for t, r, c in rows]
+        return [{"turn": m.turn, "role": m.role, "content": m.content} for m in self.records.messages(sid)]
 
     def list(self) -> list[str]:
-        with self.lock:
-            return [r[0] for r in self.db.execute("SELECT id FROM sessions ORDER BY updated DESC")]
+        return self.records.ids()
 
     def delete(self, sid: str) -> None:
         with self.lock:
             if sid in self.leased:
                 raise SessionBusy(sid)
-            row = self.db.execute("SELECT snapshot FROM sessions WHERE id = ?", (sid,)).fetchone()
-            if row is None:
+            snapshot = self.records.delete(sid)
+            if snapshot is None:
                 raise SessionNotFound(sid)
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
-                self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
             self.memory.pop(sid, None)
-        (self.caches / row[0]).unlink(missing_ok=True)
+        self.snapshots.delete(snapshot)
 
     @property
     def in_memory(self) -> int:
         return len(self.memory)
 
     def count(self) -> int:
-        with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+        return self.records.count()
 
     def close(self) -> None:
-        with self.lock:
-            self.db.close()
+        self.records.close()

@@ -1,0 +1,216 @@
+"""Where sessions' records live: their counters, transcript and the name of their cache snapshot.
+
+Two implementations of one interface, with the same tables and statements:
+
+- ``SqliteRecords`` (the embedded default): one file in the state directory, WAL journal,
+  ``synchronous=FULL`` so that a committed turn survives a power cut;
+- ``PostgresRecords`` (``--store postgresql://…``, psycopg 3): a database every replica of a
+  scaled-out server shares.
+
+A turn's commit is one transaction: the session's row (upserted) and the turn's messages. The
+snapshot it names is written before (``snapshots``), and the one it replaces is deleted after, by
+the caller (``store.SessionStore``), so that a crash at any point leaves each session at its last
+committed turn.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    created {real} NOT NULL,
+    updated {real} NOT NULL,
+    turns INTEGER NOT NULL,
+    tokens_seen BIGINT NOT NULL,
+    tokens_cached BIGINT NOT NULL,
+    snapshot TEXT NOT NULL,
+    system TEXT
+);
+CREATE TABLE IF NOT EXISTS messages (
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    turn INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    fed TEXT NOT NULL,          -- the text this message added to the stream (template markers included)
+    created {real} NOT NULL,
+    PRIMARY KEY (session_id, seq)
+)
+"""
+
+UPSERT = (
+    "INSERT INTO sessions (id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET updated=excluded.updated, "
+    "turns=excluded.turns, tokens_seen=excluded.tokens_seen, tokens_cached=excluded.tokens_cached, "
+    "snapshot=excluded.snapshot"
+)
+APPEND = "INSERT INTO messages (session_id, seq, turn, role, content, fed, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+@dataclass
+class SessionRow:
+    id: str
+    created: float
+    updated: float
+    turns: int
+    tokens_seen: int
+    tokens_cached: int
+    snapshot: str
+    system: str | None
+
+
+@dataclass
+class MessageRow:
+    seq: int
+    turn: int
+    role: str
+    content: str
+    fed: str
+
+
+class SqlRecords:
+    """The records in an SQL database; subclasses open the connection and say how it takes parameters."""
+
+    placeholder = "?"
+
+    def __init__(self):
+        self.lock = threading.RLock()  # one connection, used by the server's threads in turn
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", self.placeholder)
+
+    def _rows(self, statement: str, params: Sequence = ()) -> list[tuple]:
+        with self.lock:
+            return list(self.db.execute(self._sql(statement), params).fetchall())
+
+    @contextmanager
+    def _transaction(self):
+        raise NotImplementedError
+
+    # -- ownership ----------------------------------------------------------------------------------
+    def try_lock(self, sid: str) -> bool:
+        """Take the session for this process (False: another process holds it). One process owns an
+        SQLite store, so it always succeeds here."""
+        return True
+
+    def unlock(self, sid: str) -> None:
+        """Give the session back (after ``try_lock``)."""
+
+    # -- writes -------------------------------------------------------------------------------------
+    def commit(self, row: SessionRow, messages: Sequence[MessageRow]) -> str | None:
+        """One transaction: the session's row and the turn's messages. Returns the snapshot it replaced."""
+        with self.lock, self._transaction() as cur:
+            cur.execute(self._sql("SELECT snapshot FROM sessions WHERE id = ?"), (row.id,))
+            old = cur.fetchone()
+            cur.execute(self._sql(UPSERT), (row.id, row.created, row.updated, row.turns, row.tokens_seen,
+                                            row.tokens_cached, row.snapshot, row.system))  # fmt: skip
+            cur.executemany(
+                self._sql(APPEND),
+                [(row.id, m.seq, m.turn, m.role, m.content, m.fed, row.updated) for m in messages],
+            )
+        return old[0] if old else None
+
+    def delete(self, sid: str) -> str | None:
+        """Remove the session and its transcript; returns its snapshot's name (None: no such session)."""
+        with self.lock, self._transaction() as cur:
+            cur.execute(self._sql("SELECT snapshot FROM sessions WHERE id = ?"), (sid,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (sid,))
+            cur.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (sid,))
+        return row[0]
+
+    # -- reads --------------------------------------------------------------------------------------
+    def session(self, sid: str) -> SessionRow | None:
+        rows = self._rows(
+            "SELECT id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system FROM sessions "
+            "WHERE id = ?",
+            (sid,),
+        )
+        return SessionRow(*rows[0]) if rows else None
+
+    def messages(self, sid: str) -> list[MessageRow]:
+        rows = self._rows(
+            "SELECT seq, turn, role, content, fed FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
+        )
+        return [MessageRow(*r) for r in rows]
+
+    def ids(self) -> list[str]:
+        """Every session, the most recently updated first."""
+        return [r[0] for r in self._rows("SELECT id FROM sessions ORDER BY updated DESC")]
+
+    def snapshots(self) -> set[str]:
+        """The snapshot names some session points to (any other snapshot is a crash's leftover)."""
+        return {r[0] for r in self._rows("SELECT snapshot FROM sessions")}
+
+    def count(self) -> int:
+        return self._rows("SELECT COUNT(*) FROM sessions")[0][0]
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class SqliteRecords(SqlRecords):
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(TABLES.format(real="REAL") + ";")
+
+    @contextmanager
+    def _transaction(self):
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+
+class PostgresRecords(SqlRecords):
+    placeholder = "%s"
+
+    def __init__(self, url: str):
+        import psycopg  # an optional dependency: only a PostgreSQL store needs it
+
+        super().__init__()
+        self.db = psycopg.connect(url, autocommit=True)
+        with self._transaction() as cur:
+            for statement in TABLES.format(real="DOUBLE PRECISION").split(";"):
+                cur.execute(statement)
+
+    @contextmanager
+    def _transaction(self):
+        with self.db.transaction(), self.db.cursor() as cur:
+            yield cur
+
+    def try_lock(self, sid: str) -> bool:
+        """A session-level advisory lock on the session's 64-bit name hash: held by this connection
+        until ``unlock``, and released by PostgreSQL itself when the process (its connection) dies,
+        so a replica that dies mid-turn cannot keep a session from the others."""
+        return self._rows("SELECT pg_try_advisory_lock(hashtextextended(?, 0))", (sid,))[0][0]
+
+    def unlock(self, sid: str) -> None:
+        self._rows("SELECT pg_advisory_unlock(hashtextextended(?, 0))", (sid,))
+
+
+def open_records(url: str | None, state_dir: Path) -> SqlRecords:
+    """The records a ``--store`` URL names: PostgreSQL for ``postgresql://…``, else SQLite in ``state_dir``."""
+    if url and url.startswith(("postgresql://", "postgres://")):
+        return PostgresRecords(url)
+    if url:
+        raise ValueError(f"--store must be a postgresql:// URL (or absent for SQLite), got '{url[:40]}'")
+    return SqliteRecords(state_dir / "sessions.db")
