@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
         default=None,
         help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
     )
+    s.add_argument("--replica-id", default=None, help="this server's name in x-sinkstream-replica (default host:pid)")
     s.add_argument(
         "--max-sessions",
         type=int,
@@ -144,6 +145,7 @@ def run(args) -> int:
         state_dir=args.state_dir,
         store_url=args.store,
         snapshot_dir=args.snapshot_dir,
+        replica_id=args.replica_id,
         api_key=args.api_key,
         max_sessions=args.max_sessions,
         session_wait_s=args.session_wait,

@@ -27,6 +27,7 @@ from .leases import Leases
 from .limits import RequestLimits
 from .metrics import Metrics
 from .records import open_records
+from .replica import Replica, ReplicaHeader
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
 from .store import SessionStore
@@ -46,6 +47,7 @@ class ServerConfig:
     state_dir: str | Path = "sinkstream-state"
     store_url: str | None = None  # postgresql://… for records shared by replicas (None: SQLite in state_dir)
     snapshot_dir: str | Path | None = None  # None: state_dir/caches
+    replica_id: str | None = None  # this process's name in x-sinkstream-replica (None: host:pid)
     api_key: str | None = None
     max_sessions: int = 16  # idle sessions whose cache stays in memory
     max_request_tokens: int = 1_000_000  # tokens one request may feed (a long history streams in chunks)
@@ -104,7 +106,9 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.store, app.state.worker, app.state.metrics, app.state.config = store, worker, metrics, config
     app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name)
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)
+    app.state.replica = Replica(config.replica_id or "")
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    app.add_middleware(ReplicaHeader, replica=app.state.replica)
     install_error_handlers(app)
     openapi.install(app, max_tokens=config.max_completion_tokens, vocab=checks.vocab)
     app.include_router(open_routes)

@@ -7,7 +7,8 @@ FastAPI's generated document is close; what it cannot know is fixed here:
 - the limits that depend on this server's configuration and model: ``max_tokens`` up to
   ``--max-completion-tokens``, ``logit_bias`` keys as token ids below the vocabulary size;
 - integer bounds FastAPI would round to floats (the seed's);
-- what a route streams (``text/event-stream``) or serves as text (Prometheus' format).
+- what a route streams (``text/event-stream``) or serves as text (Prometheus' format), and the
+  ``x-sinkstream-replica`` header every response carries.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SSE_EVENT = {  # OpenAPI 3.1: the schema of a text/event-stream describes each e
 }
 SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
+REPLICA_HEADER = {"description": "the server process that answered (--replica-id)", "schema": {"type": "string"}}
 
 
 def _limit_fields(schemas: dict, max_tokens: int, vocab: int) -> None:
@@ -57,6 +59,8 @@ def install(app: FastAPI, *, max_tokens: int, vocab: int) -> None:
             for ops in doc["paths"].values():
                 for op in ops.values():
                     op["responses"].pop("422", None)
+                    for response in op["responses"].values():
+                        response.setdefault("headers", {})["x-sinkstream-replica"] = REPLICA_HEADER
             schemas = doc["components"]["schemas"]
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)

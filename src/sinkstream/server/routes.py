@@ -6,6 +6,7 @@ needs the server's API key when one is set.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from importlib import resources
 
 from fastapi import APIRouter, Depends, Request
@@ -30,7 +31,7 @@ api = APIRouter(dependencies=[Depends(authorize)], responses=documented(401, 413
 async def health(request: Request):
     s = request.app.state
     return {"status": "ok", "model": s.config.model_name, "live_requests": s.worker.load,
-            "sessions_in_memory": s.store.in_memory}  # fmt: skip
+            "sessions_in_memory": s.store.in_memory, "replica": asdict(s.replica)}  # fmt: skip
 
 
 @open_routes.get("/", response_class=HTMLResponse)
