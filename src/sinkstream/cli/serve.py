@@ -39,6 +39,10 @@ def add_parser(sub) -> None:
         help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
     )
     s.add_argument("--replica-id", default=None, help="this server's name in x-sinkstream-replica (default host:pid)")
+    c = s.add_argument_group("scale-out on Ray Serve (pip install 'sinkstream[cluster]')")
+    c.add_argument("--replicas", type=int, default=None, help="serve N replicas on Ray Serve (needs --store)")
+    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
     s.add_argument(
         "--max-sessions",
         type=int,
@@ -104,6 +108,22 @@ def validate(args) -> None:
         raise UsageError(f"--state-dir '{state}' is not writable")
     args.state_dir = state
     _check_store(args)
+    _check_replicas(args)
+
+
+def _check_replicas(args) -> None:
+    if args.replicas is None:
+        return
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    if not args.replica_cpus > 0:
+        raise UsageError(f"--replica-cpus must be > 0, got {args.replica_cpus}")
+    if not args.store:
+        raise UsageError("--replicas needs --store postgresql://…: sessions move between replicas")
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise UsageError("--replicas needs Ray Serve: pip install 'sinkstream[cluster]'") from None
 
 
 def _check_store(args) -> None:
@@ -120,9 +140,10 @@ def _check_store(args) -> None:
         raise UsageError(f"cannot open --store: {str(e).strip().splitlines()[0][:300]}") from None
 
 
-def run(args) -> int:
+def build_app(args, replica_id: str | None = None):
+    """The server's app for these options: the model loaded, the config filled in (also what each
+    replica of a scaled-out server runs)."""
     import torch
-    import uvicorn
 
     from ..models import load_model
     from ..server.app import ServerConfig, create_app
@@ -145,7 +166,7 @@ def run(args) -> int:
         state_dir=args.state_dir,
         store_url=args.store,
         snapshot_dir=args.snapshot_dir,
-        replica_id=args.replica_id,
+        replica_id=replica_id or args.replica_id,
         api_key=args.api_key,
         max_sessions=args.max_sessions,
         session_wait_s=args.session_wait,
@@ -158,7 +179,17 @@ def run(args) -> int:
         decode=args.decode,
         kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
     )
-    app = create_app(model, tokenizer, config)
+    return create_app(model, tokenizer, config), name
+
+
+def run(args) -> int:
+    import uvicorn
+
+    if args.replicas:
+        from ..server import cluster
+
+        return cluster.run(args)
+    app, name = build_app(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     server = uvicorn.Server(

@@ -79,8 +79,13 @@ async def session_delete(sid: str, request: Request):
     return P.SessionDeleted(id=sid)
 
 
+SESSION_HEADER = {"name": "x-session-id", "in": "header", "required": False, "schema": {"type": "string",
+                  "pattern": P.SESSION_ID}, "description": "the session, when the body names none"}  # fmt: skip
+
+
 @api.post(
     "/v1/chat/completions",
+    openapi_extra={"parameters": [SESSION_HEADER]},
     response_model=P.ChatCompletion,
     response_model_exclude_none=True,
     responses={200: {"content": SSE}, **documented(400, 404, 409, 503)},

@@ -47,6 +47,15 @@ class RequestChecks:
             msg = f"model '{name}' is not served here; this server serves '{served}'"
             raise ApiError(404, msg, code="model_not_found", param="model")
 
+    def session_header(self, request: Request) -> str | None:
+        """The ``x-session-id`` header: the session of a request whose body names none (what a
+        scaled-out server routes by)."""
+        sid = request.headers.get("x-session-id")
+        if sid is not None and not re.fullmatch(P.SESSION_ID, sid):
+            msg = "x-session-id must be 1-128 letters, digits or _.:- characters"
+            raise ApiError(400, msg, code="invalid_request", param="x-session-id")
+        return sid
+
     def length(self, n: int) -> None:
         limit = self.config.max_request_tokens
         if n > limit:
@@ -125,6 +134,7 @@ class ChatServing:
 
     async def create(self, req: P.ChatCompletionRequest, request: Request):
         self.checks.model(req.model)
+        req.session_id = req.session_id or self.checks.session_header(request)
         turn = await self._start(req, self.checks.sampling(req))
         rid = P.new_id("chatcmpl")
         if req.stream:
@@ -267,7 +277,8 @@ class CompletionServing:
         params = self.checks.sampling(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         queue = asyncio.Queue()  # shared by the prompts' jobs, their events tagged with the prompt's index
-        turns = self._turns(req, params, prompts, asyncio.get_running_loop(), queue)
+        constraints = [await run_in_threadpool(self.checks.constraint, req) for _ in prompts]  # compiled once
+        turns = self._turns(req, params, prompts, constraints, asyncio.get_running_loop(), queue)
         self.turns.submit_all(turns)
         rid = P.new_id("cmpl")
         if req.stream:
@@ -290,14 +301,13 @@ class CompletionServing:
             id=rid, created=P.now(), model=self.model_name, choices=choices, usage=usage(*(t.job for t in turns))
         )
 
-    def _turns(self, req, params, prompts: list[str], loop, queue: asyncio.Queue) -> list[Turn]:
+    def _turns(self, req, params, prompts: list[str], constraints, loop, queue: asyncio.Queue) -> list[Turn]:
         bias, turns = self.checks.logit_bias(req), []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, constraint) in enumerate(zip(prompts, constraints)):
             ids = self.tokenizer(prompt).input_ids if prompt else [self.tokenizer.bos_token_id or 0]
             self.checks.length(len(ids))
             events = AsyncEvents(loop, queue, tag=i)
-            job = Job(ids, params, self.checks.new_cache(), events=events, logit_bias=bias)
-            job.constraint = self.checks.constraint(req)
+            job = Job(ids, params, self.checks.new_cache(), events=events, logit_bias=bias, constraint=constraint)
             turns.append(Turn(job, None))
         return turns
 

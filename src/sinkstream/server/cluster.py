@@ -1,0 +1,165 @@
+"""Scale-out on Ray Serve: ``sinkstream serve --replicas N --store postgresql://…``.
+
+Two deployments in one Serve application:
+
+- ``ModelReplica`` (N replicas): each builds the same app a single server runs (its own model and
+  batching worker, the shared PostgreSQL store) and serves HTTP requests handed to it through
+  ``forward``, which runs the request through that app and yields the response as it comes (SSE
+  streams chunk by chunk).
+- ``SessionRouter`` (the HTTP ingress): reads each request's session (the ``session_id`` body field,
+  else the ``x-session-id`` header) and forwards it with ``handle.options(session_id=…)``, so that
+  Serve's ``ConsistentHashRouter`` keeps a session on one replica while the replica set is stable.
+
+Affinity is an optimisation, not what keeps sessions right: the replica set changes (a replica dies,
+a replacement joins the hash ring), so a session will move. Every replica commits each turn to the
+shared store, takes a session with the store's lock before a turn (``records.PostgresRecords``), and
+loads a session it does not hold (or holds an older copy of) from the store.
+
+This module needs Ray (``pip install 'sinkstream[cluster]'``) and is imported only with ``--replicas``.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+SESSION_HEADER = "x-session-id"
+APP = "sinkstream"
+AFFINITY = RequestRouterConfig(
+    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+    request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 1},
+)
+
+
+def session_of(headers, body: bytes) -> str | None:
+    """The request's session: the JSON body's ``session_id``, else the ``x-session-id`` header."""
+    try:
+        sid = json.loads(body).get("session_id") if body else None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        sid = None
+    return sid if isinstance(sid, str) and sid else headers.get(SESSION_HEADER)
+
+
+class ModelReplica:
+    """One replica: the single server's app, with its lifespan (the worker thread) started here."""
+
+    async def __init__(self, args):
+        from ..cli.serve import build_app
+
+        context = serve.get_replica_context()
+        self.replica_id = f"{context.replica_id.unique_id}:{os.getpid()}"
+        self.app, _ = build_app(args, replica_id=self.replica_id)
+        self.lifespan = self.app.router.lifespan_context(self.app)
+        await self.lifespan.__aenter__()
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose model worker has died is replaced."""
+        if not self.app.state.worker.thread.is_alive():
+            raise RuntimeError("the model worker thread is not running")
+
+    async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes):
+        """One HTTP request through this replica's app: yields the response's status and headers,
+        then its body as it is sent. Closing the generator (the client went away) is a disconnect."""
+        sent, gone = asyncio.Queue(), asyncio.Event()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
+                 "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in headers],
+                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}  # fmt: skip
+        task = asyncio.create_task(self.app(scope, receive, sent.put))
+        try:
+            while True:
+                message = await sent.get()
+                if message["type"] == "http.response.start":
+                    yield {
+                        "status": message["status"],
+                        "headers": [(k.decode(), v.decode()) for k, v in message["headers"]],
+                    }
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body"):
+                        return
+        finally:
+            gone.set()
+            await asyncio.wait({task}, timeout=30)
+
+
+def router_app(replicas) -> FastAPI:
+    """The HTTP ingress: every path, forwarded to the replica the request's session hashes to."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)  # the replicas serve the document
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+    async def forward(path: str, request: Request):
+        body = await request.body()
+        sid = session_of(request.headers, body)
+        handle = replicas.options(stream=True, **({"session_id": sid} if sid else {}))
+        answer = handle.forward.remote(request.method, request.url.path, request.url.query.encode(),
+                                       list(request.headers.items()), body)  # fmt: skip
+        start = await answer.__anext__()
+        skip = {"content-length", "transfer-encoding"}
+        headers = {k: v for k, v in start["headers"] if k.lower() not in skip}
+        return StreamingResponse(answer, status_code=start["status"], headers=headers)
+
+    return app
+
+
+@serve.ingress()
+class SessionRouter:
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    def __serve_build_asgi_app__(self):
+        return router_app(self.replicas)
+
+
+def application(args):
+    """The Serve application for these ``sinkstream serve`` options."""
+    replica = serve.deployment(
+        ModelReplica,
+        num_replicas=args.replicas,
+        ray_actor_options={"num_cpus": args.replica_cpus},
+        request_router_config=AFFINITY,
+        max_ongoing_requests=max(16, 2 * args.max_batch),
+        health_check_period_s=2,
+        health_check_timeout_s=10,
+        graceful_shutdown_timeout_s=10,
+    )
+    router = serve.deployment(SessionRouter, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=1000)
+    return router.bind(replica.bind(args))
+
+
+def run(args) -> int:
+    """Start (or join) Ray, deploy, serve until SIGINT/SIGTERM, then shut the application down."""
+    import ray
+
+    os.environ.setdefault("RAY_SERVE_SESSION_ID_HEADER_KEY", SESSION_HEADER)  # read once, before Ray starts
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application(args), name=APP, route_prefix="/")
+    print(f"sinkstream serve: {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.delete(APP)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
