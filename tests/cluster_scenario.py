@@ -107,6 +107,7 @@ def scenario(url: str, snapshots: Path, db_url: str) -> dict:
     conn, _ = open_stream(url, "locked")
     seen["busy"] = chat(url, "meanwhile", sid="locked")[1].get("error", {}).get("code")
     conn.close()
+    seen["replicas_listed"] = sorted(r["id"] for r in request(url, "GET", "/v1/replicas")[1]["data"])
     # kill -9 the replica answering a session; the session goes on elsewhere from its last commit
     for sid in ("victim", "twin"):
         chat(url, "first turn", sid=sid)

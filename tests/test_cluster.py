@@ -47,6 +47,7 @@ def test_sessions_stay_on_one_replica(seen):
 
 def test_two_sessions_decode_on_two_replicas(seen):
     assert len(seen["replicas"]) == 2 and seen["concurrent"] == [200, 200]
+    assert seen["replicas_listed"] == seen["replicas"]  # /v1/replicas, through the router
 
 
 def test_a_session_is_never_served_twice_at_once(seen):

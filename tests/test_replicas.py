@@ -53,6 +53,8 @@ def test_a_session_moves_between_replicas_and_continues_exactly(replicas):
     assert [t[0] for t in turns] == ["r1", "r2", "r1", "r2"]  # each response names its replica
     assert [t[1] for t in turns] == [1, 2, 3, 4]
     assert turns[3][2] == expected[2]  # bit-identical logprobs after three moves
+    listed = r1.request("GET", "/v1/replicas")[1]["data"]  # every replica of the store, from either one
+    assert [(r["id"], r["pid"]) for r in listed] == [("r1", r1.proc.pid), ("r2", r2.proc.pid)]
 
 
 def test_killed_replica_loses_nothing(replicas):

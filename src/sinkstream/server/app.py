@@ -15,6 +15,7 @@ sends back), ``worker``, ``store``, ``protocol`` (the request and response bodie
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .leases import Leases
 from .limits import RequestLimits
 from .metrics import Metrics
 from .records import open_records
-from .replica import Replica, ReplicaHeader
+from .replica import Replica, ReplicaHeader, heartbeats
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
 from .store import SessionStore
@@ -94,11 +95,16 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     async def lifespan(app):
         worker.start()
         metrics.sessions.set(store.count())
+        beating = asyncio.create_task(heartbeats(app.state.replica, store, worker))
         yield
+        beating.cancel()
         worker.stop()
+        store.records.forget_replica(app.state.replica.id)
         store.close()
 
     app = FastAPI(title="sinkstream", version="0.1.0", lifespan=lifespan)
+    app.state.replica = Replica(config.replica_id or "")
+    metrics.replica.labels(app.state.replica.id).set(1)
     leases = Leases(store, wait_s=config.session_wait_s, queue_size=config.session_queue)
     turns = Turns(worker, leases, metrics, tokenizer, cache_capacity=config.n_sink + config.window)
     grammars = Grammars(tokenizer, model.config.get_text_config().vocab_size, worker.eos_ids)
@@ -106,7 +112,6 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.store, app.state.worker, app.state.metrics, app.state.config = store, worker, metrics, config
     app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name)
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)
-    app.state.replica = Replica(config.replica_id or "")
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, metrics=metrics)
     app.add_middleware(ReplicaHeader, replica=app.state.replica)
     install_error_handlers(app)

@@ -32,6 +32,7 @@ class Metrics:
         self.model_seconds = Counter(
             "sinkstream_model_seconds", "time the worker spent in model forwards", ["phase"], registry=r
         )
+        self.replica = Gauge("sinkstream_replica", "1, labelled with this server's replica id", ["replica"], registry=r)
         self.decode_steps = Counter("sinkstream_decode_steps", "batched decode steps", registry=r)
         self.decode_rows = Counter(
             "sinkstream_decode_rows", "rows fed by decode steps (sum of batch sizes)", registry=r

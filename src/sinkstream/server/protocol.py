@@ -260,6 +260,22 @@ class SessionInfo(BaseModel):
     busy: bool | None = None
 
 
+class ReplicaInfo(BaseModel):
+    id: str
+    object: Literal["replica"] = "replica"
+    pid: int
+    host: str
+    started: int
+    seen: int  # when it last said it was alive
+    sessions_in_memory: int
+    live_requests: int
+
+
+class ReplicaList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ReplicaInfo]
+
+
 class SessionList(BaseModel):
     object: Literal["list"] = "list"
     data: list[str]

@@ -42,8 +42,18 @@ CREATE TABLE IF NOT EXISTS messages (
     fed TEXT NOT NULL,          -- the text this message added to the stream (template markers included)
     created {real} NOT NULL,
     PRIMARY KEY (session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS replicas (   -- the server processes sharing these records, as they last said
+    id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started {real} NOT NULL,
+    seen {real} NOT NULL,
+    sessions_in_memory INTEGER NOT NULL,
+    live_requests INTEGER NOT NULL
 )
 """
+REPLICA_FIELDS = ("id", "pid", "host", "started", "seen", "sessions_in_memory", "live_requests")
 
 UPSERT = (
     "INSERT INTO sessions (id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system) "
@@ -128,7 +138,26 @@ class SqlRecords:
             cur.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (sid,))
         return row[0]
 
+    def heartbeat(self, replica: dict) -> None:
+        """Say that this replica is alive, with its load (``REPLICA_FIELDS``)."""
+        names = ", ".join(REPLICA_FIELDS)
+        updates = ", ".join(f"{f}=excluded.{f}" for f in REPLICA_FIELDS[1:])
+        statement = f"INSERT INTO replicas ({names}) VALUES ({', '.join('?' * len(REPLICA_FIELDS))}) ON CONFLICT(id) DO UPDATE SET {updates}"
+        with self.lock, self._transaction() as cur:
+            cur.execute(self._sql(statement), tuple(replica[f] for f in REPLICA_FIELDS))
+
+    def forget_replica(self, rid: str) -> None:
+        with self.lock, self._transaction() as cur:
+            cur.execute(self._sql("DELETE FROM replicas WHERE id = ?"), (rid,))
+
     # -- reads --------------------------------------------------------------------------------------
+    def replicas(self, seen_since: float) -> list[dict]:
+        """The replicas that said they were alive since ``seen_since`` (a time.time())."""
+        rows = self._rows(
+            f"SELECT {', '.join(REPLICA_FIELDS)} FROM replicas WHERE seen >= ? ORDER BY id", (seen_since,)
+        )
+        return [dict(zip(REPLICA_FIELDS, r)) for r in rows]
+
     def session(self, sid: str) -> SessionRow | None:
         rows = self._rows(
             "SELECT id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system FROM sessions "

@@ -4,12 +4,18 @@ a log line or a test tells them apart."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from starlette.concurrency import run_in_threadpool
+
+log = logging.getLogger("sinkstream.server")
 HEADER = b"x-sinkstream-replica"
+HEARTBEAT_S = 2.0  # how often a replica records that it is alive (``/v1/replicas``)
 
 
 @dataclass
@@ -21,6 +27,18 @@ class Replica:
 
     def __post_init__(self):
         self.id = self.id or f"{self.host}:{self.pid}"
+
+
+async def heartbeats(replica: Replica, store, worker) -> None:
+    """Record every ``HEARTBEAT_S`` that this replica is alive, with its load (until cancelled)."""
+    while True:
+        beat = {**asdict(replica), "seen": time.time(), "sessions_in_memory": store.in_memory,
+                "live_requests": worker.load}  # fmt: skip
+        try:
+            await run_in_threadpool(store.records.heartbeat, beat)
+        except Exception as e:  # the store is down for a moment: say so, beat again later
+            log.warning("replica heartbeat failed: %s: %s", type(e).__name__, e)
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 class ReplicaHeader:

@@ -6,6 +6,7 @@ needs the server's API key when one is set.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from importlib import resources
 
@@ -16,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from . import protocol as P
 from .errors import ApiError, check_api_key, documented
 from .openapi import SSE
+from .replica import HEARTBEAT_S
 from .store import SessionBusy, SessionNotFound
 
 
@@ -50,6 +52,16 @@ async def prometheus(request: Request):
 @api.get("/v1/models", response_model=P.ModelList)
 async def models(request: Request):
     return P.ModelList(data=[P.ModelCard(id=request.app.state.config.model_name, created=P.now())])
+
+
+@api.get("/v1/replicas", response_model=P.ReplicaList)
+async def replicas(request: Request):
+    """The server processes sharing this server's store that were alive in the last few seconds."""
+    since = time.time() - 3 * HEARTBEAT_S
+    rows = await run_in_threadpool(request.app.state.store.records.replicas, since)
+    return P.ReplicaList(
+        data=[P.ReplicaInfo(**{**r, "started": int(r["started"]), "seen": int(r["seen"])}) for r in rows]
+    )
 
 
 @api.get("/v1/sessions", response_model=P.SessionList)

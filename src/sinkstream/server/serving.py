@@ -134,7 +134,8 @@ class ChatServing:
 
     async def create(self, req: P.ChatCompletionRequest, request: Request):
         self.checks.model(req.model)
-        req.session_id = req.session_id or self.checks.session_header(request)
+        header = self.checks.session_header(request)  # checked whenever sent, as the document says
+        req.session_id = req.session_id or header
         turn = await self._start(req, self.checks.sampling(req))
         rid = P.new_id("chatcmpl")
         if req.stream:
