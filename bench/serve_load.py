@@ -3,7 +3,10 @@
     python bench/serve_load.py [--clients 8] [--turns 20] [--max-tokens 32] [--model ...] [--out out/bench-serve]
 
 Runs the same workload twice against a real server process on 127.0.0.1 (the embedded model by default):
-continuous batching (--max-batch = clients) and one request at a time (--max-batch 1). Per run: errors,
+continuous batching (--max-batch = clients) and one request at a time (--max-batch 1). With
+``--replicas N`` it also runs it against ``sinkstream serve --replicas N`` on a local Ray Serve with a
+throwaway PostgreSQL store (run it in a loopback-only network namespace:
+``unshare -n sh -c 'ip link set lo up && python bench/serve_load.py --replicas 2 --modes batched'``). Per run: errors,
 p50/p99 time to first token, p50/p99 time between tokens, total generated tokens/s, and the server's
 peak RSS. The user messages are MT-Bench's first turns (as `sinkstream eval chat` uses them). Streams
 with `stream_options.include_usage`, so the token counts are the server's. Last line: one JSON object.
@@ -74,14 +77,15 @@ def client_loop(
             out["errors"].append(f"{type(e).__name__}: {e}")
 
 
-def run(args, max_batch: int, questions: list[str]) -> dict:
-    state = Path(args.out) / f"state-batch{max_batch}"
+def run(args, max_batch: int, questions: list[str], replicas: list[str] = ()) -> dict:
+    state = Path(args.out) / f"state-batch{max_batch}{'-replicas' if replicas else ''}"
     shutil.rmtree(state, ignore_errors=True)
     srv = Server(
         args.model or "smollm2-135m",
         state,
         "--max-batch",
         str(max_batch),
+        *replicas,
         *args.server_args.split(),
         sink=args.sink,
         window=args.window,
@@ -93,9 +97,10 @@ def run(args, max_batch: int, questions: list[str]) -> dict:
     peak = [proc.memory_info().rss]
     stop = threading.Event()
 
-    def watch():
+    def watch():  # the server and its children (with --replicas: Ray and its replicas)
         while not stop.wait(0.5):
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            tree = [proc, *proc.children(recursive=True)]
+            peak[0] = max(peak[0], sum(_rss(p) for p in tree))
 
     out = {"ttft": [], "gaps": [], "tokens": 0, "prompt_tokens": 0, "turns": 0, "errors": []}
     start = threading.Event()
@@ -134,6 +139,26 @@ def run(args, max_batch: int, questions: list[str]) -> dict:
     }
 
 
+def _rss(p: psutil.Process) -> int:
+    try:
+        return p.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def replicated(args, questions: list[str]) -> dict:
+    """The batched workload on ``--replicas N`` over a throwaway PostgreSQL store."""
+    from pgserver import PostgresServer
+
+    pg = PostgresServer().start()
+    try:
+        url = pg.fresh_database("bench")
+        flags = ["--replicas", str(args.replicas), "--store", url, "--replica-cpus", str(args.replica_cpus)]
+        return {"replicas": args.replicas, **run(args, args.clients, questions, flags)}
+    finally:
+        pg.stop()
+
+
 def _model_time(metrics: str) -> dict:
     """Prefill and decode seconds, decode steps and rows, from the server's Prometheus text."""
     out = {}
@@ -162,6 +187,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="batched,sequential", help="batched, sequential or both")
     ap.add_argument("--server-args", default="", help="more `sinkstream serve` options, e.g. '--kv-dtype float16'")
+    ap.add_argument("--replicas", type=int, default=0, help="also run the batched workload on N Ray Serve replicas")
+    ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--out", default="out/bench-serve")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -185,6 +212,13 @@ def main() -> int:
     if "sequential" in modes:
         result["one_at_a_time"] = run(args, 1, questions)
         print(json.dumps({"one_at_a_time": result["one_at_a_time"]}), flush=True)
+    if args.replicas:
+        result["replicated"] = replicated(args, questions)
+        print(json.dumps({"replicated": result["replicated"]}), flush=True)
+        if "batched" in result:
+            result["replicated_vs_one_process"] = round(
+                result["replicated"]["tokens_per_s"] / result["batched"]["tokens_per_s"], 2
+            )
     if "batched" in result and "one_at_a_time" in result:
         result["batched_vs_one_at_a_time"] = round(
             result["batched"]["tokens_per_s"] / result["one_at_a_time"]["tokens_per_s"], 2
