@@ -20,6 +20,7 @@ This module needs Ray (``pip install 'sinkstream[cluster]'``) and is imported on
 
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 SESSION_HEADER = "x-session-id"
+ROUTER_CPUS = 0.05
 APP = "sinkstream"
 AFFINITY = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
@@ -141,8 +143,17 @@ def application(args):
         health_check_timeout_s=10,
         graceful_shutdown_timeout_s=10,
     )
-    router = serve.deployment(SessionRouter, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=1000)
+    router = serve.deployment(SessionRouter, ray_actor_options={"num_cpus": ROUTER_CPUS}, max_ongoing_requests=1000)
     return router.bind(replica.bind(args))
+
+
+def local_resources(args) -> dict:
+    """A local Ray's CPUs: the machine's, or enough for every replica, a replacement and the router
+    (``serve.run`` waits without a limit for CPUs that are not there). An existing cluster has its own."""
+    if args.ray_address:
+        return {}
+    needed = (args.replicas + 1) * args.replica_cpus + ROUTER_CPUS
+    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}
 
 
 def run(args) -> int:
@@ -150,7 +161,7 @@ def run(args) -> int:
     import ray
 
     os.environ.setdefault("RAY_SERVE_SESSION_ID_HEADER_KEY", SESSION_HEADER)  # read once, before Ray starts
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False, **local_resources(args))
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application(args), name=APP, route_prefix="/")
     print(f"sinkstream serve: {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}",
