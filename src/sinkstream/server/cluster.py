@@ -27,7 +27,7 @@ import sys
 import threading
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -60,6 +60,10 @@ class ModelReplica:
         self.app, _ = build_app(args, replica_id=self.replica_id)
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()
+
+    async def __del__(self):
+        """Serve's shutdown of this replica: the app's own (worker stopped, store closed, heartbeat gone)."""
+        await self.lifespan.__aexit__(None, None, None)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose model worker has died is replaced."""
@@ -103,6 +107,12 @@ class ModelReplica:
             await asyncio.wait({task}, timeout=30)
 
 
+def unavailable(e: Exception) -> JSONResponse:
+    message = f"the replica serving this request failed ({type(e).__name__}); retry: the session is at its last turn"
+    error = {"message": message, "type": "server_error", "param": None, "code": "replica_unavailable"}
+    return JSONResponse({"error": error}, status_code=503, headers={"Retry-After": "1"})
+
+
 def router_app(replicas) -> FastAPI:
     """The HTTP ingress: every path, forwarded to the replica the request's session hashes to."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)  # the replicas serve the document
@@ -114,7 +124,10 @@ def router_app(replicas) -> FastAPI:
         handle = replicas.options(stream=True, **({"session_id": sid} if sid else {}))
         answer = handle.forward.remote(request.method, request.url.path, request.url.query.encode(),
                                        list(request.headers.items()), body)  # fmt: skip
-        start = await answer.__anext__()
+        try:
+            start = await answer.__anext__()
+        except Exception as e:  # the replica died under the request, or cannot be reached: retry
+            return unavailable(e)
         skip = {"content-length", "transfer-encoding"}
         headers = {k: v for k, v in start["headers"] if k.lower() not in skip}
         return StreamingResponse(answer, status_code=start["status"], headers=headers)
