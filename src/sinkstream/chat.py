@@ -15,6 +15,11 @@ from .engine import Engine, SamplingParams
 from .tools import for_template, template_supports_tools
 
 
+def _as_messages(new: str | list[dict]) -> list[dict]:
+    """A user's text as its message; messages as they are."""
+    return [{"role": "user", "content": new}] if isinstance(new, str) else list(new)
+
+
 @dataclass
 class Conversation:
     """The messages of one conversation and exactly the text whose tokens were fed to its stream."""
@@ -44,7 +49,7 @@ class Conversation:
     def new_turn_text(self, tokenizer, new: str | list[dict]) -> str:
         """The text to feed for the ``new`` messages (a user's text, or messages such as tool
         results): what the rendered conversation adds to what was fed."""
-        new = [{"role": "user", "content": new}] if isinstance(new, str) else list(new)
+        new = _as_messages(new)
         full = self.render(tokenizer, self.messages + new, True)
         if full.startswith(self.fed_text):
             return full[len(self.fed_text) :]
@@ -63,7 +68,7 @@ class Conversation:
         """Record the user's message (or the ``new`` messages); return the token ids to feed for it."""
         if isinstance(new, str) and not new.strip():
             raise ValueError("empty message")
-        new = [{"role": "user", "content": new}] if isinstance(new, str) else list(new)
+        new = _as_messages(new)
         delta = self.new_turn_text(tokenizer, new)
         self.messages += new
         self.fed_text += delta

@@ -98,7 +98,11 @@ class SessionStore:
         live = self.records.snapshots()
         removed = 0
         for name in self.snapshots.names() - live:
-            if time.time() - (self.caches / name).stat().st_mtime >= grace_s:
+            try:
+                age = time.time() - (self.caches / name).stat().st_mtime
+            except FileNotFoundError:  # another replica renamed or deleted it meanwhile
+                continue
+            if age >= grace_s:
                 self.snapshots.delete(name)
                 removed += 1
         return {"removed_files": removed, "sessions": len(live)}
