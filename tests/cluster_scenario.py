@@ -129,7 +129,7 @@ def scenario(url: str, snapshots: Path, db_url: str) -> dict:
     import psycopg
 
     with psycopg.connect(db_url) as db:
-        named = {row[0] for row in db.execute("SELECT snapshot FROM sessions")}
+        named = {row[0] for row in db.execute("SELECT snapshot FROM sessions UNION SELECT snapshot FROM turns")}
     seen["orphan_or_partial_snapshots"] = sorted({p.name for p in snapshots.iterdir()} - named)
     return seen
 

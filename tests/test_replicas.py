@@ -80,7 +80,7 @@ def test_killed_replica_loses_nothing(replicas):
         assert got[0] == "r2" and got[1] == 2
         assert got[2] == _turn(r2, "twin", "second turn")[2]  # as if the killed turn had never started
         with psycopg.connect(url) as db:
-            named = {row[0] for row in db.execute("SELECT snapshot FROM sessions")}
+            named = {row[0] for row in db.execute("SELECT snapshot FROM sessions UNION SELECT snapshot FROM turns")}
         assert {p.name for p in shared.iterdir()} == named  # no half-written or orphan snapshot
     finally:
         r1.start()

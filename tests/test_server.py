@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -174,7 +175,10 @@ def test_kill9_rolls_back_interrupted_turn(model_dir, tmp_path):
     srv.start()
     try:
         assert not list(state.rglob("*.tmp"))
-        assert sorted(p.name for p in (state / "caches").iterdir()) == ["k.3.safetensors", "kref.4.safetensors"]
+        names = {p.name for p in (state / "caches").iterdir()}
+        with sqlite3.connect(state / "sessions.db") as db:
+            named = {r[0] for r in db.execute("SELECT snapshot FROM sessions UNION SELECT snapshot FROM turns")}
+        assert names == named and not any(n.startswith("k.4.") for n in names)  # no orphan, nothing half-done
         status, info = srv.request("GET", "/v1/sessions/k")
         assert status == 200 and info["turns"] == 3
         assert srv.request("GET", "/v1/sessions/k/messages")[1]["data"] == before

@@ -71,6 +71,14 @@ def add_parser(sub) -> None:
         help="seconds a request for a busy session waits its turn (default 0: refused at once with 409)",
     )
     s.add_argument("--session-queue", type=int, default=8, help="requests that may wait for one session (default 8)")
+    k = s.add_argument_group("kept turns: any client's resent history resumes instead of being fed again")
+    k.add_argument(
+        "--keep-turns", type=int, default=4, help="turns kept per conversation for regenerate and edit (default 4)"
+    )
+    k.add_argument("--turns-disk-mb", type=float, default=8192, help="disk all kept turns may take (default 8192)")
+    k.add_argument(
+        "--turns-memory-mb", type=float, default=1024, help="kept turns also held in memory (default 1024)"
+    )
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
     s.add_argument(
@@ -96,6 +104,11 @@ def validate(args) -> None:
         raise UsageError(f"--session-queue must be >= 1, got {args.session_queue}")
     if args.max_body_mb <= 0:
         raise UsageError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.keep_turns < 1:
+        raise UsageError(f"--keep-turns must be >= 1, got {args.keep_turns}")
+    for name in ("turns_disk_mb", "turns_memory_mb"):
+        if not getattr(args, name) >= 0:  # NaN fails too
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.default_max_tokens > args.max_completion_tokens:
         raise UsageError("--default-max-tokens is larger than --max-completion-tokens")
     args.api_key = args.api_key or os.environ.get("SINKSTREAM_API_KEY") or None
@@ -178,6 +191,9 @@ def build_app(args, replica_id: str | None = None):
         max_batch=args.max_batch,
         decode=args.decode,
         kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype,
+        keep_turns=args.keep_turns,
+        turns_disk_mb=args.turns_disk_mb,
+        turns_memory_mb=args.turns_memory_mb,
     )
     return create_app(model, tokenizer, config), name
 

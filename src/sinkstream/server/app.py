@@ -16,6 +16,7 @@ sends back), ``worker``, ``store``, ``protocol`` (the request and response bodie
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from .errors import install_error_handlers
 from .leases import Leases
 from .limits import RequestLimits
 from .metrics import Metrics
-from .records import open_records
+from .records import Retention, open_records
 from .replica import Replica, ReplicaHeader, heartbeats
+from .resume import Resumer
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
 from .store import SessionStore
@@ -61,6 +63,9 @@ class ServerConfig:
     kv_dtype: str | None = None  # keys/values of new caches stored in this dtype (None: the model's)
     session_wait_s: float = 0.0  # a request for a busy session waits this long (0: 409 at once)
     session_queue: int = 8  # requests that may wait for one session
+    keep_turns: int = 4  # kept turns per conversation (regenerate and edit resume from them)
+    turns_disk_mb: float = 8192  # all kept turns' snapshots on disk
+    turns_memory_mb: float = 1024  # kept turns' states also held in memory
 
     def check(self) -> None:
         for name in (
@@ -77,6 +82,15 @@ class ServerConfig:
             raise ValueError("sink and max-sessions must be >= 0")
         if not (self.session_wait_s >= 0 and self.session_queue >= 1):  # NaN fails too
             raise ValueError("session-wait must be >= 0 and session-queue >= 1")
+        if self.keep_turns < 1 or not (self.turns_disk_mb >= 0 and self.turns_memory_mb >= 0):
+            raise ValueError("keep-turns must be >= 1, turns-disk-mb and turns-memory-mb >= 0")
+
+    def scope(self, model_config, tokenizer) -> str:
+        """What a kept state is valid for: this model, chat template and cache configuration."""
+        template = getattr(tokenizer, "chat_template", None) or ""
+        parts = (self.model_name, model_config.to_json_string(use_diff=False), template, self.n_sink, self.window,
+                 self.kv_dtype)  # fmt: skip
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
@@ -87,7 +101,9 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                          max_sessions=config.max_sessions, device=device,
                          records=open_records(config.store_url, Path(config.state_dir)),
                          snapshot_dir=config.snapshot_dir,
-                         orphan_grace_s=SHARED_ORPHAN_GRACE_S if config.store_url else 0.0)  # fmt: skip
+                         orphan_grace_s=SHARED_ORPHAN_GRACE_S if config.store_url else 0.0,
+                         retention=Retention(config.keep_turns, int(config.turns_disk_mb * 2**20)),
+                         kept_memory_bytes=int(config.turns_memory_mb * 2**20))  # fmt: skip
     chunk = min(config.prefill_chunk or max(1, config.window // 2), config.window)
     worker = Worker(model, tokenizer, prefill_chunk=chunk, max_batch=config.max_batch, metrics=metrics,
                     decode=config.decode)  # fmt: skip
@@ -110,7 +126,8 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     grammars = Grammars(tokenizer, model.config.get_text_config().vocab_size, worker.eos_ids)
     checks = RequestChecks(config, model.config, grammars)
     app.state.store, app.state.worker, app.state.metrics, app.state.config = store, worker, metrics, config
-    app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name)
+    resumer = Resumer(store, config.scope(model.config, tokenizer))
+    app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name, resumer)
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, metrics=metrics)
     app.add_middleware(ReplicaHeader, replica=app.state.replica)

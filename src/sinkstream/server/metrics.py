@@ -33,6 +33,15 @@ class Metrics:
             "sinkstream_model_seconds", "time the worker spent in model forwards", ["phase"], registry=r
         )
         self.replica = Gauge("sinkstream_replica", "1, labelled with this server's replica id", ["replica"], registry=r)
+        self.starts = Counter(
+            "sinkstream_conversation_starts",
+            "chat turns by how they started (new and restarted: nothing kept matched; the rest resumed a state)",
+            ["mode"],
+            registry=r,
+        )
+        self.resumed_tokens = Counter(
+            "sinkstream_resumed_prompt_tokens", "prompt tokens resumed from kept states instead of fed", registry=r
+        )
         self.decode_steps = Counter("sinkstream_decode_steps", "batched decode steps", registry=r)
         self.decode_rows = Counter(
             "sinkstream_decode_rows", "rows fed by decode steps (sum of batch sizes)", registry=r
@@ -47,6 +56,10 @@ class Metrics:
         self.decode_steps.inc()
         self.decode_rows.inc(rows)
         self.model_seconds.labels("decode").inc(seconds)
+
+    def resumed(self, mode: str, cached_tokens: int) -> None:
+        self.starts.labels(mode).inc()
+        self.resumed_tokens.inc(cached_tokens)
 
     def generated(self, n: int) -> None:
         self.generated_tokens.inc(n)

@@ -241,10 +241,15 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(default=0, description="prompt tokens resumed from a kept state instead of fed")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class SessionInfo(BaseModel):
@@ -254,6 +259,13 @@ class SessionInfo(BaseModel):
     tokens_cached: int
     turns: int
     cache_capacity: int
+    mode: Literal["new", "resumed", "appended", "continued", "branched", "restarted"] | None = Field(
+        default=None,
+        description="how this request's turn started: a session's first turn (new, or resumed from a kept "
+        "turn it matched), its next turn from new messages only (appended), a resent history that extends the "
+        "transcript (continued), one that departs from it and went back to a kept turn (branched), or one "
+        "nothing kept covers, streamed afresh (restarted)",
+    )
     created: int | None = None
     updated: int | None = None
     in_memory: bool | None = None

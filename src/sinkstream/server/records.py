@@ -43,6 +43,18 @@ CREATE TABLE IF NOT EXISTS messages (
     created {real} NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
+CREATE TABLE IF NOT EXISTS turns (      -- kept turns: conversations a request may resume (``history``)
+    key TEXT PRIMARY KEY,               -- the digest of the conversation through the turn's answer
+    lineage TEXT NOT NULL,              -- the conversation it belongs to: retention counts per lineage
+    depth INTEGER NOT NULL,             -- its messages
+    tokens BIGINT NOT NULL,             -- tokens streamed through its cache (what resuming it saves)
+    snapshot TEXT NOT NULL,             -- its cache and conversation
+    bytes BIGINT NOT NULL,
+    created {real} NOT NULL,
+    used {real} NOT NULL                -- last committed or resumed: least recently used goes first
+);
+CREATE INDEX IF NOT EXISTS turns_by_lineage ON turns (lineage, used);
+CREATE INDEX IF NOT EXISTS turns_by_use ON turns (used);
 CREATE TABLE IF NOT EXISTS replicas (   -- the server processes sharing these records, as they last said
     id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -54,6 +66,9 @@ CREATE TABLE IF NOT EXISTS replicas (   -- the server processes sharing these re
 )
 """
 REPLICA_FIELDS = ("id", "pid", "host", "started", "seen", "sessions_in_memory", "live_requests")
+TURN_FIELDS = ("key", "lineage", "depth", "tokens", "snapshot", "bytes", "created", "used")
+# added after the first release: a column a store made before gets at start
+ADDED_COLUMNS = (("messages", "digest", "TEXT"),)  # the message's digest in the conversation's chain
 
 UPSERT = (
     "INSERT INTO sessions (id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system) "
@@ -61,7 +76,15 @@ UPSERT = (
     "turns=excluded.turns, tokens_seen=excluded.tokens_seen, tokens_cached=excluded.tokens_cached, "
     "snapshot=excluded.snapshot"
 )
-APPEND = "INSERT INTO messages (session_id, seq, turn, role, content, fed, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
+APPEND = (
+    "INSERT INTO messages (session_id, seq, turn, role, content, fed, created, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPSERT_TURN = (
+    f"INSERT INTO turns ({', '.join(TURN_FIELDS)}) VALUES ({', '.join('?' * len(TURN_FIELDS))}) "
+    "ON CONFLICT(key) DO UPDATE SET lineage=excluded.lineage, depth=excluded.depth, tokens=excluded.tokens, "
+    "snapshot=excluded.snapshot, bytes=excluded.bytes, used=excluded.used"
+)
+REFERENCED = "snapshot IN (SELECT snapshot FROM sessions)"
 
 
 @dataclass
@@ -83,6 +106,35 @@ class MessageRow:
     role: str
     content: str
     fed: str
+    digest: str | None = None
+
+
+@dataclass
+class TurnRow:
+    key: str
+    lineage: str
+    depth: int
+    tokens: int
+    snapshot: str
+    bytes: int
+    created: float
+    used: float
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many turns each conversation keeps, and the bytes all kept snapshots may take on disk."""
+
+    per_lineage: int = 4
+    disk_bytes: int = 8 * 2**30
+
+
+@dataclass
+class Committed:
+    """What a commit took out of the records: snapshots nothing names now (to delete), turns evicted."""
+
+    dead_snapshots: list[str]
+    evicted: list[str]
 
 
 class SqlRecords:
@@ -114,18 +166,98 @@ class SqlRecords:
         """Give the session back (after ``try_lock``)."""
 
     # -- writes -------------------------------------------------------------------------------------
-    def commit(self, row: SessionRow, messages: Sequence[MessageRow]) -> str | None:
-        """One transaction: the session's row and the turn's messages. Returns the snapshot it replaced."""
+    def commit(
+        self, row: SessionRow | None, messages: Sequence[MessageRow], turn: TurnRow | None = None, *,
+        rewrite: bool = False, retention: Retention | None = None,
+    ) -> Committed:  # fmt: skip
+        """One transaction: the kept turn, the session's row and the turn's messages (``rewrite``: the
+        session's whole transcript is ``messages``), then the retention's evictions. Returns the
+        snapshots no record names any more and the turns evicted."""
         with self.lock, self._transaction() as cur:
-            cur.execute(self._sql("SELECT snapshot FROM sessions WHERE id = ?"), (row.id,))
-            old = cur.fetchone()
-            cur.execute(self._sql(UPSERT), (row.id, row.created, row.updated, row.turns, row.tokens_seen,
-                                            row.tokens_cached, row.snapshot, row.system))  # fmt: skip
-            cur.executemany(
-                self._sql(APPEND),
-                [(row.id, m.seq, m.turn, m.role, m.content, m.fed, row.updated) for m in messages],
+            replaced = []
+            if turn is not None:
+                replaced += self._one(cur, "SELECT snapshot FROM turns WHERE key = ?", turn.key)
+                cur.execute(self._sql(UPSERT_TURN), tuple(getattr(turn, f) for f in TURN_FIELDS))
+            if row is not None:
+                replaced += self._one(cur, "SELECT snapshot FROM sessions WHERE id = ?", row.id)
+                cur.execute(self._sql(UPSERT), (row.id, row.created, row.updated, row.turns, row.tokens_seen,
+                                                row.tokens_cached, row.snapshot, row.system))  # fmt: skip
+                if rewrite:
+                    cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (row.id,))
+                cur.executemany(
+                    self._sql(APPEND),
+                    [(row.id, m.seq, m.turn, m.role, m.content, m.fed, row.updated, m.digest) for m in messages],
+                )
+            evicted = self._evict(cur, turn, retention) if turn is not None and retention else []
+            dead = self._unreferenced(cur, replaced + [snapshot for _, snapshot in evicted])
+        return Committed(dead, [key for key, _ in evicted])
+
+    def _one(self, cur, statement: str, *params) -> list[str]:
+        cur.execute(self._sql(statement), params)
+        found = cur.fetchone()
+        return [found[0]] if found else []
+
+    def _evict(self, cur, turn: TurnRow, retention: Retention) -> list[tuple[str, str]]:
+        """Turns beyond the lineage's count (least recently used first out), then the least recently used
+        of all while their bytes pass the budget. A session's current snapshot is never evicted."""
+        heads = self._one(cur, "SELECT COUNT(*) FROM turns WHERE lineage = ? AND " + REFERENCED, turn.lineage)[0]
+        cur.execute(
+            self._sql(f"SELECT key, snapshot FROM turns WHERE lineage = ? AND NOT {REFERENCED} ORDER BY used DESC"),
+            (turn.lineage,),
+        )
+        keep = max(0, retention.per_lineage - heads)
+        evicted = [(k, s) for k, s in cur.fetchall()[keep:] if k != turn.key]
+        total = self._one(cur, "SELECT COALESCE(SUM(bytes), 0) FROM turns")[0]
+        total -= sum(self._bytes(cur, k) for k, _ in evicted)
+        if total > retention.disk_bytes:
+            cur.execute(
+                self._sql(f"SELECT key, snapshot, bytes FROM turns WHERE key != ? AND NOT {REFERENCED} ORDER BY used"),
+                (turn.key,),
             )
-        return old[0] if old else None
+            gone = {k for k, _ in evicted}
+            for key, snapshot, size in cur.fetchall():
+                if total <= retention.disk_bytes:
+                    break
+                if key not in gone:
+                    evicted.append((key, snapshot))
+                    total -= size
+        for key, _ in evicted:
+            cur.execute(self._sql("DELETE FROM turns WHERE key = ?"), (key,))
+        return evicted
+
+    def _bytes(self, cur, key: str) -> int:
+        return (self._one(cur, "SELECT bytes FROM turns WHERE key = ?", key) or [0])[0]
+
+    def _unreferenced(self, cur, names: list[str]) -> list[str]:
+        """Of ``names``, those neither a session nor a kept turn names."""
+        dead = []
+        for name in dict.fromkeys(names):
+            used = self._one(cur, "SELECT COUNT(*) FROM sessions WHERE snapshot = ?", name)[0]
+            used += self._one(cur, "SELECT COUNT(*) FROM turns WHERE snapshot = ?", name)[0]
+            if not used:
+                dead.append(name)
+        return dead
+
+    def touch(self, key: str, when: float) -> None:
+        """The kept turn was resumed: it is the most recently used of its lineage now."""
+        with self.lock, self._transaction() as cur:
+            cur.execute(self._sql("UPDATE turns SET used = ? WHERE key = ?"), (when, key))
+
+    def turns(self, keys: Sequence[str]) -> list[TurnRow]:
+        """The kept turns among ``keys``."""
+        if not keys:
+            return []
+        marks = ", ".join("?" * len(keys))
+        rows = self._rows(f"SELECT {', '.join(TURN_FIELDS)} FROM turns WHERE key IN ({marks})", tuple(keys))
+        return [TurnRow(*r) for r in rows]
+
+    def drop_lineage(self, lineage: str) -> list[str]:
+        """Forget every kept turn of ``lineage`` (a deleted session's); returns the snapshots nothing names now."""
+        with self.lock, self._transaction() as cur:
+            cur.execute(self._sql("SELECT snapshot FROM turns WHERE lineage = ?"), (lineage,))
+            names = [r[0] for r in cur.fetchall()]
+            cur.execute(self._sql("DELETE FROM turns WHERE lineage = ?"), (lineage,))
+            return self._unreferenced(cur, names)
 
     def delete(self, sid: str) -> str | None:
         """Remove the session and its transcript; returns its snapshot's name (None: no such session)."""
@@ -168,7 +300,7 @@ class SqlRecords:
 
     def messages(self, sid: str) -> list[MessageRow]:
         rows = self._rows(
-            "SELECT seq, turn, role, content, fed FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
+            "SELECT seq, turn, role, content, fed, digest FROM messages WHERE session_id = ? ORDER BY seq", (sid,)
         )
         return [MessageRow(*r) for r in rows]
 
@@ -177,8 +309,11 @@ class SqlRecords:
         return [r[0] for r in self._rows("SELECT id FROM sessions ORDER BY updated DESC")]
 
     def snapshots(self) -> set[str]:
-        """The snapshot names some session points to (any other snapshot is a crash's leftover)."""
-        return {r[0] for r in self._rows("SELECT snapshot FROM sessions")}
+        """The snapshot names some session or kept turn points to (any other is a crash's leftover)."""
+        return {r[0] for r in self._rows("SELECT snapshot FROM sessions UNION SELECT snapshot FROM turns")}
+
+    def kept_bytes(self) -> int:
+        return self._rows("SELECT COALESCE(SUM(bytes), 0) FROM turns")[0][0]
 
     def count(self) -> int:
         return self._rows("SELECT COUNT(*) FROM sessions")[0][0]
@@ -196,6 +331,9 @@ class SqliteRecords(SqlRecords):
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(TABLES.format(real="REAL") + ";")
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _transaction(self):
@@ -220,6 +358,8 @@ class PostgresRecords(SqlRecords):
         with self._transaction() as cur:
             for statement in TABLES.format(real="DOUBLE PRECISION").split(";"):
                 cur.execute(statement)
+            for table, column, kind in ADDED_COLUMNS:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     @contextmanager
     def _transaction(self):

@@ -25,6 +25,7 @@ from ..tools import CallStream, call_schema, parse_calls
 from . import protocol as P
 from .errors import ApiError
 from .events import AsyncEvents, DoneEvent, TokenEvent
+from .resume import Resumer
 from .store import Session
 from .turns import Turn, Turns, TurnStream, raise_failed
 from .worker import Job
@@ -122,15 +123,19 @@ def sse_failed(error: str) -> str:
     return sse(P.ErrorBody(error=detail))
 
 
-def usage(*jobs: Job) -> P.Usage:
-    prompt = sum(len(j.ids) for j in jobs)
+def usage(*jobs: Job, cached: int = 0) -> P.Usage:
+    """OpenAI's usage: ``prompt_tokens`` is the request's whole prompt, ``cached`` of them resumed from a
+    kept state instead of fed."""
+    prompt = sum(len(j.ids) for j in jobs) + cached
     completion = sum(len(j.generated) for j in jobs)
-    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))  # fmt: skip
 
 
 class ChatServing:
-    def __init__(self, turns: Turns, checks: RequestChecks, tokenizer, model_name: str):
+    def __init__(self, turns: Turns, checks: RequestChecks, tokenizer, model_name: str, resumer: Resumer):
         self.turns, self.checks, self.tokenizer, self.model_name = turns, checks, tokenizer, model_name
+        self.resumer = resumer
 
     async def create(self, req: P.ChatCompletionRequest, request: Request):
         self.checks.model(req.model)
@@ -156,7 +161,8 @@ class ChatServing:
             logprobs=P.ChoiceLogprobs(content=logprobs) if req.logprobs else None,
         )
         return P.ChatCompletion(
-            id=rid, created=P.now(), model=self.model_name, choices=[choice], usage=usage(turn.job), session=turn.info
+            id=rid, created=P.now(), model=self.model_name, choices=[choice], session=turn.info,
+            usage=usage(turn.job, cached=turn.cached_tokens),
         )
 
     async def _start(self, req: P.ChatCompletionRequest, params: SamplingParams) -> Turn:
@@ -180,35 +186,30 @@ class ChatServing:
             raise
 
     async def _turn(self, req, params, bias, msgs: list[dict], tools, session: Session | None) -> Turn:
-        """The turn's job: the request's new messages (those after its last assistant message) rendered
-        after the conversation so far (the session's, or the request's earlier messages)."""
-        split = max((i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"), default=0)
-        history, new = msgs[:split], msgs[split:]
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        if session:
-            conv = session.conversation
-            if session.new:  # the first request's earlier messages are the conversation so far
-                conv.system, conv.messages = system, history
-            cache = session.cache or self.checks.new_cache()
-            session.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
-            session.mark()
-        else:
-            conv = Conversation(system=system, messages=history)
-            cache = self.checks.new_cache()
+        """The turn's job: the state the request goes on from (``resume``: a kept turn it matches, its
+        session, or nothing) and the request's messages after it, rendered and fed."""
+        start = await run_in_threadpool(self.resumer.plan, msgs, tools, session)
+        state = start.state
+        conv = state.conversation
         conv.tools = tools
+        cache = state.cache or self.checks.new_cache()
+        state.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
+        state.mark()
         before = len(conv.messages)
         try:
-            ids = await run_in_threadpool(conv.begin, self.tokenizer, new)
+            ids = await run_in_threadpool(conv.begin, self.tokenizer, start.new)
         except (ValueError, TemplateError) as e:
             raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
-        if session:
-            session.mark()
+        state.digests += start.new_digests
+        state.mark()
         if not ids:
             raise ApiError(400, "the messages add nothing to the conversation", param="messages")
         self.checks.length(len(ids))
+        self.turns.metrics.resumed(start.mode, start.cached_tokens)
         events = AsyncEvents(asyncio.get_running_loop())
         job = Job(ids, params, cache, events=events, top_logprobs=req.want_logprobs, logit_bias=bias)
-        return Turn(job, conv, session, before)
+        return Turn(job, conv, session, before, state=state, mode=start.mode, cached_tokens=start.cached_tokens,
+                    tool_names=_tool_names(req) if req.tool_mode != "none" else None)  # fmt: skip
 
     async def _stream(self, turn: Turn, req: P.ChatCompletionRequest, rid: str, request: Request):
         created = P.now()
@@ -244,7 +245,9 @@ class ChatServing:
         yield chunk(P.Delta(), finish=finish, session=turn.info)
         if req.include_usage:
             yield sse(
-                P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage(turn.job))
+                P.ChatCompletionChunk(
+                    id=rid, created=created, model=self.model_name, choices=[], usage=usage(turn.job, cached=turn.cached_tokens)
+                )
             )
         yield DONE
 

@@ -27,15 +27,16 @@ class LocalSnapshots:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def write(self, name: str, cache: SinkCache) -> None:
+    def write(self, name: str, cache: SinkCache, conversation: dict | None = None) -> int:
+        """Write the snapshot (with the ``conversation`` state that goes with the cache, if given);
+        returns its size in bytes."""
         tensors, meta = cache.state()
         path = self.root / name
         tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"sinkstream": json.dumps(meta)},
-        )
+        metadata = {"sinkstream": json.dumps(meta)}
+        if conversation is not None:
+            metadata["conversation"] = json.dumps(conversation, ensure_ascii=False)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,12 +45,19 @@ class LocalSnapshots:
             os.fsync(fd)  # the rename itself is durable
         finally:
             os.close(fd)
+        return path.stat().st_size
 
     def read(self, name: str, *, config, device=None) -> SinkCache:
+        return self.read_state(name, config=config, device=device)[0]
+
+    def read_state(self, name: str, *, config, device=None) -> tuple[SinkCache, dict | None]:
+        """The cache and the conversation state written with it (None for a snapshot written without)."""
         with safe_open(str(self.root / name), framework="pt") as f:
-            meta = json.loads(f.metadata()["sinkstream"])
+            metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not iterable)
-        return SinkCache.from_state(tensors, meta, config=config, device=device)
+        conversation = json.loads(metadata["conversation"]) if "conversation" in metadata else None
+        cache = SinkCache.from_state(tensors, json.loads(metadata["sinkstream"]), config=config, device=device)
+        return cache, conversation
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)

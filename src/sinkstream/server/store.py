@@ -1,16 +1,19 @@
 """Endless sessions that survive restarts: each session's record (counters, transcript, the name of
 its cache snapshot) in a database, its sink cache in a snapshot.
 
-Every completed turn is committed in this order:
+Every completed chat turn — of a session or of a conversation that names none — is committed in this
+order:
 
-1. the session's cache is written as a new snapshot ``<id>.<turn>.safetensors`` (whole or not at all:
-   ``snapshots``);
-2. one transaction appends the turn's messages and points the session's record at the new snapshot
-   (``records``: SQLite by default, PostgreSQL for a store that several replicas share);
-3. the previous snapshot is deleted.
+1. the cache and the conversation's state are written as a new snapshot (whole or not at all:
+   ``snapshots``), never over an older one;
+2. one transaction records it as a kept turn (``kept``), and for a session appends the turn's
+   messages and points the session's record at it (``records``: SQLite by default, PostgreSQL for a
+   store that several replicas share); the retention evicts what is over its counts in the same
+   transaction;
+3. the snapshots no record names any more are deleted.
 
-A crash between 1 and 2 leaves an orphan snapshot, which a later start removes; the record still names
-the previous snapshot, which step 3 had not deleted yet. So a session is always at its last committed
+A crash between 1 and 2 leaves an orphan snapshot, which a later start removes; the records still name
+the previous snapshots, which step 3 had not deleted yet. So a session is always at its last committed
 turn, with the cache that belongs to it. A turn that fails or is abandoned is rolled back by
 forgetting the in-memory copy: the next request reloads the last commit.
 
@@ -24,13 +27,15 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache import SinkCache
 from ..chat import Conversation
-from .records import MessageRow, SessionRow, SqlRecords, open_records
+from .kept import KeptTurns
+from .records import MessageRow, Retention, SessionRow, SqlRecords, TurnRow, open_records
 from .snapshots import LocalSnapshots
 
 
@@ -44,12 +49,22 @@ class SessionNotFound(KeyError):
 
 @dataclass
 class Session:
-    id: str
+    """A conversation's state: its messages and fed text, its cache, the digests of its messages
+    (``history``). Named (``id``) for a session, anonymous (``id`` None) for a conversation a client
+    resends whole."""
+
+    id: str | None
     conversation: Conversation
-    cache: SinkCache | None  # None for a session that has not committed a turn yet
+    cache: SinkCache | None  # None before the first committed turn
     snapshot: str | None = None
     created: float = field(default_factory=time.time)
     fed_len: list[int] = field(default_factory=list)  # len(fed_text) after each message (to split it)
+    digests: list[str] = field(default_factory=list)  # each message's digest in the conversation's chain
+    lineage: str = ""  # the conversation its kept turns count towards (branches share it)
+    rewrite: bool = False  # it went back to an earlier state: the next commit writes its transcript anew
+
+    def __post_init__(self):
+        self.lineage = self.lineage or (f"session:{self.id}" if self.id else f"conversation:{uuid.uuid4().hex}")
 
     def mark(self) -> None:
         """Messages added since the last mark fed the text up to here (call before and after a turn's
@@ -65,6 +80,41 @@ class Session:
     def new(self) -> bool:
         return self.snapshot is None
 
+    @property
+    def tokens_seen(self) -> int:
+        return self.cache.tokens_seen if self.cache is not None else 0
+
+    def cache_bytes(self) -> int:
+        return sum(t.nbytes for t in self.cache.state()[0].values()) if self.cache is not None else 0
+
+    def state(self) -> dict:
+        """What is written beside the cache in a snapshot (JSON)."""
+        return {"conversation": self.conversation.to_dict(), "fed_len": self.fed_len, "digests": self.digests,
+                "lineage": self.lineage}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, sid: str | None, state: dict, cache: SinkCache, snapshot: str) -> Session:
+        conv = Conversation.from_dict(state["conversation"])
+        return cls(sid, conv, cache, snapshot, fed_len=list(state["fed_len"]), digests=list(state["digests"]),
+                   lineage=state["lineage"] if sid is None else "")  # fmt: skip
+
+    def copy(self) -> Session:
+        """A state of its own to go on from (this one stays as it is)."""
+        conv = Conversation.from_dict(self.conversation.to_dict())
+        conv.messages = [dict(m) for m in conv.messages]
+        cache = self.cache.extract([0]) if self.cache is not None else None
+        return Session(self.id, conv, cache, self.snapshot, self.created, list(self.fed_len), list(self.digests),
+                       self.lineage)  # fmt: skip
+
+    def go_back(self, state: Session | None) -> None:
+        """Continue from ``state`` (a copy of an earlier or other kept turn), or from nothing: the
+        transcript is written anew at the next commit."""
+        self.conversation = state.conversation if state else Conversation()
+        self.cache = state.cache if state else None
+        self.fed_len = state.fed_len if state else []
+        self.digests = state.digests if state else []
+        self.rewrite = True
+
 
 class SessionStore:
     """``state_dir`` holds the SQLite records and the snapshots unless ``records`` (a ``--store`` URL's,
@@ -75,6 +125,7 @@ class SessionStore:
     def __init__(
         self, state_dir: str | Path, *, model_config, n_sink: int, window: int, max_sessions: int, device=None,
         records: SqlRecords | None = None, snapshot_dir: str | Path | None = None, orphan_grace_s: float = 0.0,
+        retention: Retention | None = None, kept_memory_bytes: int = 2**30,
     ):  # fmt: skip
         self.root = Path(state_dir)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -82,6 +133,9 @@ class SessionStore:
         self.records = records or open_records(None, self.root)
         self.config, self.n_sink, self.window = model_config, n_sink, window
         self.max_sessions, self.device = max_sessions, device
+        self.retention = retention or Retention()
+        self.kept = KeptTurns(self.records, self.snapshots, load=self._load_kept, retention=self.retention,
+                              memory_bytes=kept_memory_bytes)  # fmt: skip
         self.lock = threading.RLock()  # guards the memory map and the leases
         self.memory: OrderedDict[str, Session] = OrderedDict()  # idle sessions with their cache, LRU last
         self.leased: set[str] = set()
@@ -156,30 +210,60 @@ class SessionStore:
 
     # -- commits ------------------------------------------------------------------------------------
     def commit(self, session: Session, cache: SinkCache, messages_before: int) -> None:
-        """Persist the turn that took the conversation from ``messages_before`` messages to now."""
+        """Persist the turn that took the conversation from ``messages_before`` messages to now, as a
+        kept turn under its last digest, and for a named session as its new current turn."""
         conv = session.conversation
-        name = f"{session.id}.{conv.turns}.safetensors"
-        self.snapshots.write(name, cache)
         session.mark()
-        ends = session.fed_len
-        messages = [
-            MessageRow(i, conv.turns, m["role"], m["content"], conv.fed_text[(ends[i - 1] if i else 0) : ends[i]])
-            for i, m in enumerate(conv.messages) if i >= messages_before
-        ]  # fmt: skip
-        row = SessionRow(session.id, session.created, time.time(), conv.turns, cache.tokens_seen,
-                         cache.tokens_cached, name, conv.system)  # fmt: skip
-        old = self.records.commit(row, messages)
-        session.snapshot, session.cache = name, cache
-        if old and old != name:
-            self.snapshots.delete(old)
+        session.cache = cache
+        stem = session.id if session.id else "turn"
+        name = f"{stem}.{conv.turns}.{uuid.uuid4().hex[:8]}.safetensors"
+        size = self.snapshots.write(name, cache, session.state())
+        now = time.time()
+        turn = TurnRow(session.digests[-1], session.lineage, len(conv.messages), cache.tokens_seen, name, size, now,
+                       now) if session.digests else None  # fmt: skip
+        row, messages = None, []
+        if session.id is not None:
+            first = 0 if session.rewrite else messages_before
+            row = SessionRow(session.id, session.created, now, conv.turns, cache.tokens_seen, cache.tokens_cached,
+                             name, conv.system)  # fmt: skip
+            messages = [self._message_row(session, i, session.rewrite) for i in range(first, len(conv.messages))]
+        done = self.records.commit(row, messages, turn, rewrite=session.rewrite, retention=self.retention)
+        session.snapshot, session.rewrite = name, False
+        self.kept.forget(done.evicted)
+        if session.id is None and turn is not None:
+            self.kept.remember(turn.key, name, session)
+        for dead in done.dead_snapshots:
+            self.snapshots.delete(dead)
+
+    @staticmethod
+    def _message_row(session: Session, i: int, rewrite: bool) -> MessageRow:
+        """The transcript's row of message ``i``: of this turn, or (a transcript written anew) of the
+        turn its position says (the turn of the answer it is, or of the answer that follows it)."""
+        conv, ends = session.conversation, session.fed_len
+        m = conv.messages[i]
+        turn = 1 + sum(x["role"] == "assistant" for x in conv.messages[:i]) if rewrite else conv.turns
+        digest = session.digests[i] if i < len(session.digests) else None
+        fed = conv.fed_text[(ends[i - 1] if i else 0) : ends[i]]
+        return MessageRow(i, turn, m["role"], m["content"], fed, digest)
+
+    def resume(self, candidates: list[tuple[int, str]]):
+        """The deepest kept turn among ``candidates`` ((message index, digest) pairs): (index, a copy of
+        its state, its row), or None."""
+        return self.kept.find(candidates)
 
     # -- reads --------------------------------------------------------------------------------------
     def _load(self, row: SessionRow | None) -> Session | None:
         if row is None:
             return None
-        sid = row.id
-        msgs = self.records.messages(sid)
-        cache = self.snapshots.read(row.snapshot, config=self.config, device=self.device)
+        cache, state = self.snapshots.read_state(row.snapshot, config=self.config, device=self.device)
+        if state is not None:
+            session = Session.from_state(row.id, state, cache, row.snapshot)
+            session.created = row.created
+            return session
+        return self._load_transcript(row, cache)  # a snapshot written before snapshots held the conversation
+
+    def _load_transcript(self, row: SessionRow, cache: SinkCache) -> Session:
+        msgs = self.records.messages(row.id)
         fed_len, total = [], 0
         for m in msgs:
             total += len(m.fed)
@@ -190,7 +274,15 @@ class SessionStore:
             fed_text="".join(m.fed for m in msgs),
             turns=row.turns,
         )
-        return Session(sid, conv, cache, snapshot=row.snapshot, created=row.created, fed_len=fed_len)
+        digests = [m.digest for m in msgs] if all(m.digest for m in msgs) else []
+        return Session(row.id, conv, cache, snapshot=row.snapshot, created=row.created, fed_len=fed_len,
+                       digests=digests)  # fmt: skip
+
+    def _load_kept(self, snapshot: str) -> Session:
+        cache, state = self.snapshots.read_state(snapshot, config=self.config, device=self.device)
+        if state is None:
+            raise FileNotFoundError(f"snapshot {snapshot} holds no conversation")
+        return Session.from_state(None, state, cache, snapshot)
 
     def info(self, sid: str) -> dict:
         row = self.records.session(sid)
@@ -216,6 +308,7 @@ class SessionStore:
         return self.records.ids()
 
     def delete(self, sid: str) -> None:
+        """Forget the session: its record, its transcript and every turn it kept."""
         with self.lock:
             if sid in self.leased:
                 raise SessionBusy(sid)
@@ -223,7 +316,10 @@ class SessionStore:
             if snapshot is None:
                 raise SessionNotFound(sid)
             self.memory.pop(sid, None)
-        self.snapshots.delete(snapshot)
+        dead = {snapshot, *self.records.drop_lineage(Session(sid, Conversation(), None).lineage)}
+        self.kept.forget_snapshots(dead)
+        for name in dead:
+            self.snapshots.delete(name)
 
     @property
     def in_memory(self) -> int:

@@ -15,6 +15,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import Conversation
+from ..tools import parse_calls
+from . import history
 from . import protocol as P
 from .errors import generation_failed
 from .events import DoneEvent, ErrorEvent, TokenEvent
@@ -29,8 +31,12 @@ class Turn:
 
     job: Job
     conversation: Conversation | None  # chat requests
-    session: Session | None = None
+    session: Session | None = None  # the leased session (``state`` is it)
     messages_before: int = 0
+    state: Session | None = None  # chat requests: the conversation it goes on (a session's, or anonymous)
+    mode: str | None = None  # how it started (``resume.Start.mode``)
+    cached_tokens: int = 0  # prompt tokens resumed instead of fed
+    tool_names: set[str] | None = None  # tools offered: the answer is read for calls
     finish_reason: str | None = None
     error: str | None = None
     committed: bool = False
@@ -139,8 +145,9 @@ class Turns:
             turn.conversation.finish(
                 self.tokenizer, job.generated, last_unfed=job.last_unfed, cut_text=job.text if job.stop_hit else None
             )
-            if turn.session is not None:
-                await run_in_threadpool(self.store.commit, turn.session, job.cache, turn.messages_before)
+            if turn.state is not None:
+                self._chain_answer(turn)
+                await run_in_threadpool(self.store.commit, turn.state, job.cache, turn.messages_before)
         except Exception as e:
             turn.error = f"could not save the turn: {type(e).__name__}: {e}"
             return
@@ -152,8 +159,25 @@ class Turns:
                 tokens_cached=job.cache.tokens_cached,
                 turns=turn.session.turns,
                 cache_capacity=self.cache_capacity,
+                mode=turn.mode,
             )
         turn.committed = True
+
+    @staticmethod
+    def _chain_answer(turn: Turn) -> None:
+        """Extend the conversation's digests with the answer as the client gets it back (its text, or its
+        calls): how the client's next request will name it. A chain that does not cover every message
+        (a session from before digests) is dropped: such a turn is kept for its session only."""
+        state, text = turn.state, turn.job.text
+        content, calls = parse_calls(text, turn.tool_names) if turn.tool_names else (text, [])
+        if len(state.digests) != len(state.conversation.messages) - 1:
+            state.digests = []
+            return
+        prev = state.digests[-1] if state.digests else None
+        if prev is None:
+            state.digests = []
+            return
+        state.digests += history.extend(prev, [history.returned_answer(content, calls)])
 
     def end(self, turn: Turn) -> None:
         """Hand the turn's session back (kept if committed, else rolled back) and count the turn: once."""

@@ -1,0 +1,82 @@
+"""Where a chat request starts: which state it goes on from, and which of its messages are new.
+
+Every request is matched message by message against what the server kept (``history``, ``kept``):
+
+- no session: the deepest kept turn whose messages equal the request's first messages is resumed
+  (``resumed``) and only the rest is fed; nothing kept matches: the whole request is streamed through
+  a fresh cache (``new``);
+- a session and a request with no assistant message: the messages are the next turn (``appended``),
+  as sessions always took them;
+- a session and a request that carries assistant messages (a client that resends its history): it
+  ``continued`` when it extends the session's transcript; when it departs from it (regenerate, edit,
+  a branch) the session goes back to the deepest kept turn the request matches (``branched``), or,
+  when nothing kept covers it, the request's history is streamed afresh into the session
+  (``restarted``). A session's first request may resume a kept turn like a request without one.
+
+So a turn is never fed twice, and a client pays for its new messages only wherever the server kept
+the turn before them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..chat import Conversation
+from . import history
+from .store import Session, SessionStore
+
+
+@dataclass
+class Start:
+    state: Session  # the conversation to go on from: the leased session, or an anonymous copy
+    new: list[dict]  # the request's messages to render and feed
+    new_digests: list[str]  # their digests (continuing the state's)
+    mode: str  # new | resumed | appended | continued | branched | restarted
+    cached_tokens: int  # the request's prompt tokens resumed instead of fed
+
+
+class Resumer:
+    def __init__(self, store: SessionStore, scope: str):
+        self.store, self.scope = store, scope  # scope: the model and cache configuration (``history.root``)
+
+    def plan(self, msgs: list[dict], tools: Sequence[dict] | None, session: Session | None) -> Start:
+        digests = history.chain(tools, self.scope, msgs)
+        answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if session is not None and not session.new:
+            return self._in_session(session, msgs, digests, answers, tools)
+        state = session if session is not None else Session(None, Conversation(), None)
+        found = self._deepest(digests, answers)
+        if found is None:
+            return self._fresh(state, msgs, digests, "new")
+        index, kept = found
+        if session is None:
+            state = kept
+        else:
+            session.go_back(kept)
+        return Start(state, msgs[index + 1 :], digests[index + 1 :], "resumed", state.tokens_seen)
+
+    def _in_session(self, session: Session, msgs, digests, answers, tools) -> Start:
+        if not answers:  # only new messages: the session's next turn, as sessions always took them
+            prev = session.digests[-1] if session.digests else history.root(tools, self.scope)
+            new_digests = history.extend(prev, msgs) if len(session.digests) == len(session.conversation.messages) else []
+            return Start(session, msgs, new_digests, "appended", 0)
+        n = len(session.digests)
+        if n and len(session.conversation.messages) == n and len(msgs) >= n and digests[n - 1] == session.digests[-1]:
+            return Start(session, msgs[n:], digests[n:], "continued", session.tokens_seen)
+        found = self._deepest(digests, answers)
+        if found is None:
+            session.go_back(None)
+            return self._fresh(session, msgs, digests, "restarted")
+        index, kept = found
+        session.go_back(kept)
+        return Start(session, msgs[index + 1 :], digests[index + 1 :], "branched", session.tokens_seen)
+
+    def _deepest(self, digests: list[str], answers: list[int]) -> tuple[int, Session] | None:
+        found = self.store.resume([(i, digests[i]) for i in answers])
+        return None if found is None else (found[0], found[1])
+
+    @staticmethod
+    def _fresh(state: Session, msgs: list[dict], digests: list[str], mode: str) -> Start:
+        state.conversation.system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+        return Start(state, msgs, digests, mode, 0)
