@@ -84,3 +84,27 @@ def test_killed_replica_loses_nothing(replicas):
         assert {p.name for p in shared.iterdir()} == named  # no half-written or orphan snapshot
     finally:
         r1.start()
+
+
+def test_a_resent_history_resumes_on_either_replica(replicas):
+    """A stock client (whole history, no session) whose turns land on alternate replicas: each turn
+    resumes the kept turn the other replica committed to the shared store, with the logprobs of the same
+    conversation held in a session on one replica."""
+    (r1, r2), _, _ = replicas
+    history = []
+    for i, srv in enumerate([r1, r2, r1, r2]):
+        text = f"stock client turn {i}"
+        history.append({"role": "user", "content": text})
+        r, lp = _ask(srv, history)
+        twin, twin_lp = _ask(r1, [{"role": "user", "content": text}], sid="stock-twin")
+        assert lp == twin_lp and (r.usage.prompt_tokens_details.cached_tokens > 0) == (i > 0)
+        history.append({"role": "assistant", "content": r.choices[0].message.content})
+
+
+def _ask(srv: Server, messages: list[dict], sid: str | None = None):
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = c.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
+        logit_bias={"0": -100, "1": -100}, extra_body={"session_id": sid} if sid else None,
+    )  # fmt: skip
+    return r, [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in r.choices[0].logprobs.content]

@@ -78,5 +78,9 @@ class Resumer:
 
     @staticmethod
     def _fresh(state: Session, msgs: list[dict], digests: list[str], mode: str) -> Start:
-        state.conversation.system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+        """The whole request into an empty state: its answers so far count as the conversation's turns."""
+        conv = state.conversation
+        conv.system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+        conv.turns = sum(m["role"] == "assistant" for m in msgs)
+        state.rewrite = True  # its transcript is written whole, each message under the turn it belongs to
         return Start(state, msgs, digests, mode, 0)
