@@ -96,7 +96,7 @@ def test_a_resent_history_resumes_on_either_replica(replicas):
         text = f"stock client turn {i}"
         history.append({"role": "user", "content": text})
         r, lp = _ask(srv, history)
-        twin, twin_lp = _ask(r1, [{"role": "user", "content": text}], sid="stock-twin")
+        _, twin_lp = _ask(r1, [{"role": "user", "content": text}], sid="stock-twin")
         assert lp == twin_lp and (r.usage.prompt_tokens_details.cached_tokens > 0) == (i > 0)
         history.append({"role": "assistant", "content": r.choices[0].message.content})
 
@@ -107,4 +107,6 @@ def _ask(srv: Server, messages: list[dict], sid: str | None = None):
         model="tiny", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
         logit_bias={"0": -100, "1": -100}, extra_body={"session_id": sid} if sid else None,
     )  # fmt: skip
-    return r, [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in r.choices[0].logprobs.content]
+    return r, [
+        (t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in r.choices[0].logprobs.content
+    ]

@@ -120,11 +120,16 @@ def test_regenerate_and_edit(server, sid):
     # regenerate: the history without the last answer, again
     r = ask(server, history[:-1], sid)
     assert r.choices[0].message.content == last  # greedy: the same answer
-    assert r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens <= new_message_tokens(history[-2]["content"]) + 1
+    assert (
+        r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens
+        <= new_message_tokens(history[-2]["content"]) + 1
+    )
     # edit the 4th user message: resumes from the 3rd answer
     edited = history[:6] + [{"role": "user", "content": "something else"}]
     r = ask(server, edited, sid)
-    assert r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens <= new_message_tokens("something else") + 1
+    assert (
+        r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens <= new_message_tokens("something else") + 1
+    )
     if sid:
         assert r.model_extra["session"]["mode"] == "branched"
         transcript = server.request("GET", f"/v1/sessions/{sid}/messages")[1]["data"]

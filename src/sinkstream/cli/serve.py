@@ -76,9 +76,7 @@ def add_parser(sub) -> None:
         "--keep-turns", type=int, default=4, help="turns kept per conversation for regenerate and edit (default 4)"
     )
     k.add_argument("--turns-disk-mb", type=float, default=8192, help="disk all kept turns may take (default 8192)")
-    k.add_argument(
-        "--turns-memory-mb", type=float, default=1024, help="kept turns also held in memory (default 1024)"
-    )
+    k.add_argument("--turns-memory-mb", type=float, default=1024, help="kept turns also held in memory (default 1024)")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
     s.add_argument(

@@ -59,7 +59,9 @@ class Resumer:
     def _in_session(self, session: Session, msgs, digests, answers, tools) -> Start:
         if not answers:  # only new messages: the session's next turn, as sessions always took them
             prev = session.digests[-1] if session.digests else history.root(tools, self.scope)
-            new_digests = history.extend(prev, msgs) if len(session.digests) == len(session.conversation.messages) else []
+            new_digests = (
+                history.extend(prev, msgs) if len(session.digests) == len(session.conversation.messages) else []
+            )
             return Start(session, msgs, new_digests, "appended", 0)
         n = len(session.digests)
         if n and len(session.conversation.messages) == n and len(msgs) >= n and digests[n - 1] == session.digests[-1]:

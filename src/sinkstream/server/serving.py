@@ -18,7 +18,6 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from ..cache import SinkCache
-from ..chat import Conversation
 from ..grammar import Constraint, GrammarError, Grammars
 from ..sampling import SamplingParams
 from ..tools import CallStream, call_schema, parse_calls
@@ -161,7 +160,11 @@ class ChatServing:
             logprobs=P.ChoiceLogprobs(content=logprobs) if req.logprobs else None,
         )
         return P.ChatCompletion(
-            id=rid, created=P.now(), model=self.model_name, choices=[choice], session=turn.info,
+            id=rid,
+            created=P.now(),
+            model=self.model_name,
+            choices=[choice],
+            session=turn.info,
             usage=usage(turn.job, cached=turn.cached_tokens),
         )
 
@@ -246,7 +249,11 @@ class ChatServing:
         if req.include_usage:
             yield sse(
                 P.ChatCompletionChunk(
-                    id=rid, created=created, model=self.model_name, choices=[], usage=usage(turn.job, cached=turn.cached_tokens)
+                    id=rid,
+                    created=created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=usage(turn.job, cached=turn.cached_tokens),
                 )
             )
         yield DONE
