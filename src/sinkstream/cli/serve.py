@@ -80,7 +80,30 @@ def add_parser(sub) -> None:
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
     s.add_argument(
-        "--served-model-name", default=None, help="the model's name in the API (default: --model, or smollm2-135m)"
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model's names in the API, the first one primary (default: --model, or smollm2-135m); "
+        "a request for another name gets 404 unless --accept-any-model",
+    )
+    s.add_argument(
+        "--accept-any-model",
+        action="store_true",
+        help="answer requests for any model name with this model (clients with a hard-coded name, e.g. gpt-4o-mini)",
+    )
+    s.add_argument(
+        "--cors-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="let web pages from these origins call the API (e.g. http://localhost:3000; '*' for any); default: none",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a place in the batch; more get 429 with Retry-After (default 64)",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -96,6 +119,11 @@ def validate(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_sessions < 0:
         raise UsageError(f"--max-sessions must be >= 0, got {args.max_sessions}")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    for origin in args.cors_origins or ():
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise UsageError(f"--cors-origins takes origins such as http://localhost:3000 or '*', got '{origin}'")
     if not args.session_wait >= 0:  # NaN fails too
         raise UsageError(f"--session-wait must be >= 0 seconds, got {args.session_wait}")
     if args.session_queue < 1:
@@ -167,11 +195,16 @@ def build_app(args, replica_id: str | None = None):
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    name = args.served_model_name or (
+    names = args.served_model_name or [
         Path(args.model).name if args.model and os.path.exists(args.model) else model_name(args)
-    )
+    ]
+    name = names[0]
     config = ServerConfig(
         model_name=name,
+        aliases=tuple(names[1:]),
+        accept_any_model=args.accept_any_model,
+        cors_origins=tuple(args.cors_origins or ()),
+        max_queue=args.max_queue,
         n_sink=args.sink,
         window=args.window,
         state_dir=args.state_dir,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from ..grammar import Grammars
 from . import openapi
@@ -34,6 +35,7 @@ from .resume import Resumer
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
 from .store import SessionStore
+from .tokens import TokenServing
 from .turns import Turns
 from .worker import Worker
 
@@ -44,7 +46,11 @@ SHARED_ORPHAN_GRACE_S = 3600.0
 
 @dataclass
 class ServerConfig:
-    model_name: str
+    model_name: str  # the name /v1/models lists first and responses carry
+    aliases: tuple[str, ...] = ()  # other names requests may use for the model
+    accept_any_model: bool = False  # answer requests for any model name with this model
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API ("*": any)
+    max_queue: int = 64  # requests that may wait for a place in the batch (then 429)
     n_sink: int = 4
     window: int = 1020
     state_dir: str | Path = "sinkstream-state"
@@ -78,12 +84,17 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.n_sink < 0 or self.max_sessions < 0:
-            raise ValueError("sink and max-sessions must be >= 0")
+        if self.n_sink < 0 or self.max_sessions < 0 or self.max_queue < 0:
+            raise ValueError("sink, max-sessions and max-queue must be >= 0")
         if not (self.session_wait_s >= 0 and self.session_queue >= 1):  # NaN fails too
             raise ValueError("session-wait must be >= 0 and session-queue >= 1")
         if self.keep_turns < 1 or not (self.turns_disk_mb >= 0 and self.turns_memory_mb >= 0):
             raise ValueError("keep-turns must be >= 1, turns-disk-mb and turns-memory-mb >= 0")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the model is served under, the primary first."""
+        return (self.model_name, *(a for a in self.aliases if a != self.model_name))
 
     def scope(self, model_config, tokenizer) -> str:
         """What a kept state is valid for: this model, chat template and cache configuration."""
@@ -122,15 +133,20 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.replica = Replica(config.replica_id or "")
     metrics.replica.labels(app.state.replica.id).set(1)
     leases = Leases(store, wait_s=config.session_wait_s, queue_size=config.session_queue)
-    turns = Turns(worker, leases, metrics, tokenizer, cache_capacity=config.n_sink + config.window)
+    turns = Turns(worker, leases, metrics, tokenizer, cache_capacity=config.n_sink + config.window,
+                  capacity=config.max_batch + config.max_queue)  # fmt: skip
     grammars = Grammars(tokenizer, model.config.get_text_config().vocab_size, worker.eos_ids)
     checks = RequestChecks(config, model.config, grammars)
     app.state.store, app.state.worker, app.state.metrics, app.state.config = store, worker, metrics, config
     resumer = Resumer(store, config.scope(model.config, tokenizer))
     app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name, resumer)
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)
+    app.state.tokens = TokenServing(tokenizer, checks, cache_capacity=config.n_sink + config.window)
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, metrics=metrics)
     app.add_middleware(ReplicaHeader, replica=app.state.replica)
+    if config.cors_origins:  # outermost: errors (401, 413) carry the headers too, preflights need no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-sinkstream-replica", "retry-after"])  # fmt: skip
     install_error_handlers(app)
     openapi.install(app, max_tokens=config.max_completion_tokens, vocab=checks.vocab)
     app.include_router(open_routes)

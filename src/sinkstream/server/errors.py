@@ -26,20 +26,24 @@ class ApiError(Exception):
         405: "invalid_request_error",
         409: "conflict_error",
         413: "invalid_request_error",
+        429: "rate_limit_error",
         500: "server_error",
         503: "server_error",
     }
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
 
     def body(self) -> P.ErrorBody:
         kind = self.TYPES.get(self.status, "error")
         return P.ErrorBody(error=P.ErrorDetail(message=self.message, type=kind, code=self.code, param=self.param))
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers or self.headers)
 
 
 WHY = {
@@ -48,6 +52,7 @@ WHY = {
     404: "no such model, session or resource",
     409: "the session is answering another request",
     413: "request body larger than --max-body-bytes",
+    429: "the server is at --max-batch + --max-queue requests in flight: retry after Retry-After seconds",
     500: "generation failed, or an internal error",
     503: "the request was cancelled before it finished (a sibling prompt failed, or the server is stopping)",
 }

@@ -216,6 +216,45 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize`` (``prompt`` or ``messages``) and llama.cpp's (``content``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = Field(default=None, description="llama.cpp's name for prompt")
+    messages: list[Message] | None = Field(default=None, description="a chat, rendered as a chat request would be")
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    add_special: bool | None = Field(default=None, description="llama.cpp's name for add_special_tokens")
+    return_token_strs: bool = False
+    with_pieces: bool = Field(default=False, description="llama.cpp's name for return_token_strs")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if sum(x is not None for x in (self.prompt, self.content, self.messages)) != 1:
+            raise ValueError("give one of prompt, content or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int = Field(description="tokens one request may feed (the stream has no length limit)")
+    cache_capacity: int
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[Int(ge=0)] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+    content: str = Field(description="the same text, under llama.cpp's name")
+
+
 def decimal_below(n: int) -> str:
     """A regular expression for the canonical decimals 0 .. n-1 (no sign, no leading zero): the
     ``logit_bias`` keys of a vocabulary of ``n`` tokens, in the OpenAPI schema and in validation."""

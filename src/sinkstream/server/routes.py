@@ -51,7 +51,7 @@ async def prometheus(request: Request):
 
 @api.get("/v1/models", response_model=P.ModelList)
 async def models(request: Request):
-    return P.ModelList(data=[P.ModelCard(id=request.app.state.config.model_name, created=P.now())])
+    return P.ModelList(data=[P.ModelCard(id=name, created=P.now()) for name in request.app.state.config.names])
 
 
 @api.get("/v1/replicas", response_model=P.ReplicaList)
@@ -114,6 +114,19 @@ async def chat_completions(req: P.ChatCompletionRequest, request: Request):
 )
 async def completions(req: P.CompletionRequest, request: Request):
     return await request.app.state.completion.create(req, request)
+
+
+@api.post(
+    "/tokenize", response_model=P.TokenizeResponse, response_model_exclude_none=True, responses=documented(400, 404)
+)
+async def tokenize(req: P.TokenizeRequest, request: Request):
+    """Token ids of a text or of a chat as this server renders it (vLLM's and llama.cpp's route)."""
+    return await run_in_threadpool(request.app.state.tokens.tokenize, req)
+
+
+@api.post("/detokenize", response_model=P.DetokenizeResponse, responses=documented(400, 404))
+async def detokenize(req: P.DetokenizeRequest, request: Request):
+    return await run_in_threadpool(request.app.state.tokens.detokenize, req)
 
 
 def _known(fn, sid: str):

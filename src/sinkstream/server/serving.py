@@ -42,9 +42,13 @@ class RequestChecks:
         self.kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else None
 
     def model(self, name: str | None) -> None:
-        served = self.config.model_name
-        if name and name != served:
-            msg = f"model '{name}' is not served here; this server serves '{served}'"
+        names = self.config.names
+        if name and name not in names and not self.config.accept_any_model:
+            served = " or ".join(f"'{n}'" for n in names)
+            msg = (
+                f"model '{name}' is not served here; this server serves {served} "
+                "(a server started with --accept-any-model answers any name with its model)"
+            )
             raise ApiError(404, msg, code="model_not_found", param="model")
 
     def session_header(self, request: Request) -> str | None:
@@ -315,7 +319,8 @@ class CompletionServing:
     def _turns(self, req, params, prompts: list[str], constraints, loop, queue: asyncio.Queue) -> list[Turn]:
         bias, turns = self.checks.logit_bias(req), []
         for i, (prompt, constraint) in enumerate(zip(prompts, constraints)):
-            ids = self.tokenizer(prompt).input_ids if prompt else [self.tokenizer.bos_token_id or 0]
+            # a prompt with no tokens (empty, or only characters the tokenizer drops) starts from BOS alone
+            ids = (self.tokenizer(prompt).input_ids if prompt else []) or [self.tokenizer.bos_token_id or 0]
             self.checks.length(len(ids))
             events = AsyncEvents(loop, queue, tag=i)
             job = Job(ids, params, self.checks.new_cache(), events=events, logit_bias=bias, constraint=constraint)

@@ -18,7 +18,7 @@ from ..chat import Conversation
 from ..tools import parse_calls
 from . import history
 from . import protocol as P
-from .errors import generation_failed
+from .errors import ApiError, generation_failed
 from .events import DoneEvent, ErrorEvent, TokenEvent
 from .leases import Leases
 from .store import Session
@@ -71,18 +71,30 @@ async def queue_items(queue: asyncio.Queue, request: Request):
 
 
 class Turns:
-    """Submits turns to the worker and sees each one to its end."""
+    """Submits turns to the worker and sees each one to its end. At most ``capacity`` turns are in
+    flight (decoding or waiting for a place in the batch); beyond that a request is refused with 429
+    and ``Retry-After`` rather than queued without bound."""
 
-    def __init__(self, worker: Worker, leases: Leases, metrics, tokenizer, cache_capacity: int):
+    def __init__(self, worker: Worker, leases: Leases, metrics, tokenizer, cache_capacity: int, capacity: int):
         self.worker, self.leases, self.store = worker, leases, leases.store
         self.metrics, self.tokenizer, self.cache_capacity = metrics, tokenizer, cache_capacity
+        self.capacity, self.live = capacity, 0
+
+    def admit(self, n: int = 1) -> None:
+        """Refuse (429) ``n`` more turns that would pass the capacity."""
+        if self.live + n > self.capacity:
+            msg = f"the server is busy: {self.live} requests are in flight or waiting (--max-batch + --max-queue); retry shortly"
+            raise ApiError(429, msg, code="server_busy", headers={"Retry-After": "1"})
 
     def submit(self, turn: Turn) -> None:
+        self.admit()
         self.worker.submit(turn.job)
-        self.metrics.active.inc()  # end() decrements it
+        self.live += 1
+        self.metrics.active.inc()  # end() decrements both
 
     def submit_all(self, turns: list[Turn]) -> None:
         """Submit every turn, or none: a failure ends the ones already submitted (cancelling their jobs)."""
+        self.admit(len(turns))
         submitted = []
         try:
             for t in turns:
@@ -194,6 +206,7 @@ class Turns:
         if turn.session is not None:
             (self.store.keep if turn.committed else self.store.rollback)(turn.session)
             turn.session = None  # no longer ours
+        self.live -= 1
         self.metrics.active.dec()
         outcome = "ok" if turn.committed else ("error" if turn.error != "cancelled" else "cancelled")
         self.metrics.turns.labels(outcome).inc()
