@@ -25,12 +25,15 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..grammar import Grammars
 from . import openapi
+from .conversations import ConversationsServing
 from .errors import install_error_handlers
 from .leases import Leases
 from .limits import RequestLimits
 from .metrics import Metrics
+from .objects import Objects
 from .records import Retention, open_records
 from .replica import Replica, ReplicaHeader, heartbeats
+from .responses import ResponsesServing
 from .resume import Resumer
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
@@ -142,6 +145,9 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.chat = ChatServing(turns, checks, tokenizer, config.model_name, resumer)
     app.state.completion = CompletionServing(turns, checks, tokenizer, config.model_name)
     app.state.tokens = TokenServing(tokenizer, checks, cache_capacity=config.n_sink + config.window)
+    objects = Objects(store.records)
+    app.state.responses = ResponsesServing(app.state.chat, objects, config.model_name)
+    app.state.conversations = ConversationsServing(objects, store)
     app.add_middleware(RequestLimits, max_body_bytes=config.max_body_bytes, metrics=metrics)
     app.add_middleware(ReplicaHeader, replica=app.state.replica)
     if config.cors_origins:  # outermost: errors (401, 413) carry the headers too, preflights need no key

@@ -7,8 +7,9 @@ Two deployments in one Serve application:
   ``forward``, which runs the request through that app and yields the response as it comes (SSE
   streams chunk by chunk).
 - ``SessionRouter`` (the HTTP ingress): reads each request's session (the ``session_id`` body field,
-  else the ``x-session-id`` header) and forwards it with ``handle.options(session_id=…)``, so that
-  Serve's ``ConsistentHashRouter`` keeps a session on one replica while the replica set is stable.
+  else the ``x-session-id`` header; for a request that names none, a key of its conversation's
+  beginning) and forwards it with ``handle.options(session_id=…)``, so that Serve's
+  ``ConsistentHashRouter`` keeps a conversation on one replica while the replica set is stable.
 
 Affinity is an optimisation, not what keeps sessions right: the replica set changes (a replica dies,
 a replacement joins the hash ring), so a session will move. Every replica commits each turn to the
@@ -31,6 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from . import history
+
 SESSION_HEADER = "x-session-id"
 ROUTER_CPUS = 0.05
 APP = "sinkstream"
@@ -40,13 +43,25 @@ AFFINITY = RequestRouterConfig(
 )
 
 
-def session_of(headers, body: bytes) -> str | None:
-    """The request's session: the JSON body's ``session_id``, else the ``x-session-id`` header."""
+def route_key(headers, body: bytes) -> str | None:
+    """What keeps a request's conversation on one replica: its session (the JSON body's ``session_id``,
+    else the ``x-session-id`` header), else, for a stock client that names none, a key of its
+    conversation's beginning (the same every turn, so its kept turns are in that replica's memory)."""
     try:
-        sid = json.loads(body).get("session_id") if body else None
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        sid = None
-    return sid if isinstance(sid, str) and sid else headers.get(SESSION_HEADER)
+        data = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    sid = data.get("session_id")
+    if isinstance(sid, str) and sid:
+        return sid
+    if headers.get(SESSION_HEADER):
+        return headers.get(SESSION_HEADER)
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        tools = data.get("tools") if isinstance(data.get("tools"), list) else None
+        return "conversation:" + history.affinity(messages, tools)
+    return None
 
 
 class ModelReplica:
@@ -120,7 +135,7 @@ def router_app(replicas) -> FastAPI:
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
     async def forward(path: str, request: Request):
         body = await request.body()
-        sid = session_of(request.headers, body)
+        sid = route_key(request.headers, body)
         handle = replicas.options(stream=True, **({"session_id": sid} if sid else {}))
         answer = handle.forward.remote(request.method, request.url.path, request.url.query.encode(),
                                        list(request.headers.items()), body)  # fmt: skip

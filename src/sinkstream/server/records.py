@@ -55,6 +55,26 @@ CREATE TABLE IF NOT EXISTS turns (      -- kept turns: conversations a request m
 );
 CREATE INDEX IF NOT EXISTS turns_by_lineage ON turns (lineage, used);
 CREATE INDEX IF NOT EXISTS turns_by_use ON turns (used);
+CREATE TABLE IF NOT EXISTS responses (  -- stored responses of the Responses API (``objects``)
+    id TEXT PRIMARY KEY,
+    created {real} NOT NULL,
+    body TEXT NOT NULL,                 -- the Response object (JSON)
+    history TEXT NOT NULL,              -- the chat messages through its output, its instructions left out (JSON)
+    turn_key TEXT                       -- the kept turn it reached
+);
+CREATE TABLE IF NOT EXISTS conversations (  -- the Conversations API's conversations (each one a session too)
+    id TEXT PRIMARY KEY,
+    created {real} NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (      -- a response's input items, a conversation's items, in order
+    owner TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (owner, seq)
+);
+CREATE INDEX IF NOT EXISTS items_by_id ON items (id);
 CREATE TABLE IF NOT EXISTS replicas (   -- the server processes sharing these records, as they last said
     id TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -250,6 +270,13 @@ class SqlRecords:
         marks = ", ".join("?" * len(keys))
         rows = self._rows(f"SELECT {', '.join(TURN_FIELDS)} FROM turns WHERE key IN ({marks})", tuple(keys))
         return [TurnRow(*r) for r in rows]
+
+    def drop_turn(self, key: str) -> list[str]:
+        """Forget one kept turn; returns the snapshots nothing names now."""
+        with self.lock, self._transaction() as cur:
+            names = self._one(cur, "SELECT snapshot FROM turns WHERE key = ?", key)
+            cur.execute(self._sql("DELETE FROM turns WHERE key = ?"), (key,))
+            return self._unreferenced(cur, names)
 
     def drop_lineage(self, lineage: str) -> list[str]:
         """Forget every kept turn of ``lineage`` (a deleted session's); returns the snapshots nothing names now."""

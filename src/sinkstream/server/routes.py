@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from importlib import resources
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from . import protocol as P
+from . import responses_protocol as RP
 from .errors import ApiError, check_api_key, documented
 from .openapi import SSE
 from .replica import HEARTBEAT_S
@@ -127,6 +129,77 @@ async def tokenize(req: P.TokenizeRequest, request: Request):
 @api.post("/detokenize", response_model=P.DetokenizeResponse, responses=documented(400, 404))
 async def detokenize(req: P.DetokenizeRequest, request: Request):
     return await run_in_threadpool(request.app.state.tokens.detokenize, req)
+
+
+# -- the Responses API ------------------------------------------------------------------------------
+@api.post("/v1/responses", responses={200: {"content": SSE, "description": "a Response object, or its event stream"},
+                                      **documented(400, 404, 409, 429, 503)})  # fmt: skip
+async def responses_create(req: RP.ResponseRequest, request: Request):
+    return await request.app.state.responses.create(req, request)
+
+
+@api.get("/v1/responses/{rid}", responses={200: {"content": SSE, "description": "the Response, or its events replayed"},
+                                            **documented(404)})  # fmt: skip
+async def responses_get(rid: str, request: Request, stream: bool = False):
+    serving = request.app.state.responses
+    if stream:
+        serving.retrieve(rid)  # 404 before the stream starts
+        return StreamingResponse(serving.replay(rid), media_type="text/event-stream")
+    return await run_in_threadpool(serving.retrieve, rid)
+
+
+@api.delete("/v1/responses/{rid}", responses=documented(404))
+async def responses_delete(rid: str, request: Request):
+    s = request.app.state
+    return await run_in_threadpool(s.responses.delete, rid, s.store)
+
+
+@api.get("/v1/responses/{rid}/input_items", responses=documented(400, 404))
+async def responses_input_items(rid: str, request: Request, after: str | None = None,
+                                limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc"):  # fmt: skip
+    return await run_in_threadpool(request.app.state.responses.input_items, rid, after, limit, order)
+
+
+# -- the Conversations API --------------------------------------------------------------------------
+@api.post("/v1/conversations", responses=documented(400))
+async def conversations_create(body: RP.ConversationCreate, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.create, body)
+
+
+@api.get("/v1/conversations/{cid}", responses=documented(404))
+async def conversations_get(cid: str, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.retrieve, cid)
+
+
+@api.post("/v1/conversations/{cid}", responses=documented(400, 404))
+async def conversations_update(cid: str, body: RP.ConversationUpdate, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.update, cid, body)
+
+
+@api.delete("/v1/conversations/{cid}", responses=documented(404, 409))
+async def conversations_delete(cid: str, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.delete, cid)
+
+
+@api.post("/v1/conversations/{cid}/items", responses=documented(400, 404))
+async def conversation_items_create(cid: str, body: RP.ItemsCreate, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.add_items, cid, body)
+
+
+@api.get("/v1/conversations/{cid}/items", responses=documented(400, 404))
+async def conversation_items_list(cid: str, request: Request, after: str | None = None,
+                                  limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc"):  # fmt: skip
+    return await run_in_threadpool(request.app.state.conversations.list_items, cid, after, limit, order)
+
+
+@api.get("/v1/conversations/{cid}/items/{item_id}", responses=documented(404))
+async def conversation_item_get(cid: str, item_id: str, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.item, cid, item_id)
+
+
+@api.delete("/v1/conversations/{cid}/items/{item_id}", responses=documented(404))
+async def conversation_item_delete(cid: str, item_id: str, request: Request):
+    return await run_in_threadpool(request.app.state.conversations.delete_item, cid, item_id)
 
 
 def _known(fn, sid: str):

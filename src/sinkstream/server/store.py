@@ -321,6 +321,13 @@ class SessionStore:
         for name in dead:
             self.snapshots.delete(name)
 
+    def drop_turn(self, key: str) -> None:
+        """Forget a kept turn (a deleted response's): its record, its state in memory, its snapshot."""
+        dead = self.records.drop_turn(key)
+        self.kept.forget([key])
+        for name in dead:
+            self.snapshots.delete(name)
+
     @property
     def in_memory(self) -> int:
         return len(self.memory)
