@@ -77,8 +77,5 @@ class ConversationsServing:
     @staticmethod
     def _items(raw) -> list[dict]:
         new = [I.stored(it.model_dump(exclude_none=True, by_alias=True)) for it in raw]
-        if any(it["type"] == "item_reference" for it in new):
-            raise ApiError(400, "a conversation's items are messages, function calls and their outputs",
-                           code="invalid_value", param="items")  # fmt: skip
         I.to_messages(new)  # refuses what a chat cannot hold (images, other item types)
         return new

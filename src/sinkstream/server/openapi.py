@@ -48,6 +48,7 @@ def _limit_fields(schemas: dict, max_tokens: int, vocab: int) -> None:
         for alt in props["logit_bias"]["anyOf"]:
             if alt.get("type") == "object":
                 alt["propertyNames"] = {"pattern": decimal_below(vocab)}
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = vocab - 1
 
 
 def install(app: FastAPI, *, max_tokens: int, vocab: int) -> None:

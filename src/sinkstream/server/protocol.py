@@ -222,7 +222,9 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     content: str | None = Field(default=None, description="llama.cpp's name for prompt")
-    messages: list[Message] | None = Field(default=None, description="a chat, rendered as a chat request would be")
+    messages: list[Message] | None = Field(
+        default=None, min_length=1, description="a chat, rendered as a chat request would be"
+    )
     tools: list[Tool] | None = Field(default=None, max_length=128)
     add_generation_prompt: bool = True
     add_special_tokens: bool = True

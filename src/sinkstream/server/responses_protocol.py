@@ -21,8 +21,10 @@ MAX_ITEMS = 10_000
 
 
 class ContentPart(_Body):
-    type: Literal["input_text", "output_text", "text", "input_image", "input_file", "refusal"]
-    text: str | None = None
+    """A text part (this server's models read text: images and files are refused)."""
+
+    type: Literal["input_text", "output_text", "text"]
+    text: str
 
 
 class MessageItem(_Body):
@@ -58,6 +60,7 @@ class ItemReference(_Body):
 InputItem = Annotated[
     FunctionCallItem | FunctionCallOutputItem | MessageItem | ItemReference, Field(union_mode="left_to_right")
 ]
+ConversationItem = Annotated[FunctionCallItem | FunctionCallOutputItem | MessageItem, Field(union_mode="left_to_right")]
 
 
 class FunctionTool(_Body):
@@ -148,7 +151,7 @@ class ResponseRequest(_Body):
 
 
 class ConversationCreate(_Body):
-    items: Annotated[list[InputItem], Field(max_length=MAX_ITEMS)] | None = None
+    items: Annotated[list[ConversationItem], Field(max_length=MAX_ITEMS)] | None = None
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = None
 
 
@@ -157,4 +160,4 @@ class ConversationUpdate(_Body):
 
 
 class ItemsCreate(_Body):
-    items: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ITEMS)]
+    items: Annotated[list[ConversationItem], Field(min_length=1, max_length=MAX_ITEMS)]

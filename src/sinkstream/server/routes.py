@@ -139,7 +139,7 @@ async def responses_create(req: RP.ResponseRequest, request: Request):
 
 
 @api.get("/v1/responses/{rid}", responses={200: {"content": SSE, "description": "the Response, or its events replayed"},
-                                            **documented(404)})  # fmt: skip
+                                            **documented(400, 404)})  # fmt: skip
 async def responses_get(rid: str, request: Request, stream: bool = False):
     serving = request.app.state.responses
     if stream:
