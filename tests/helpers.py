@@ -159,10 +159,12 @@ def tiny_model(family: str = "llama", layers: int = 2, attn: str = "eager", seed
     return model.eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer with a chat template; ids fit ``VOCAB``."""
+def tiny_tokenizer(drop_unknown: bool = False) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with a chat template; ids fit ``VOCAB``. Characters it does not know
+    become ``<unk>``, or (``drop_unknown``, as byte-level tokenizers do with some control characters)
+    no token at all."""
     vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None if drop_unknown else "<unk>"))
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
