@@ -83,6 +83,35 @@ def warm_up(url: str) -> int:
     raise RuntimeError("one replica never answered")
 
 
+def post(url: str, path: str, body: dict) -> tuple[int, dict, dict]:
+    host, port = url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host.split("//")[1], int(port), timeout=120)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read() or b"{}"), {k.lower(): v for k, v in r.getheaders()}
+
+
+def stock_client(url: str) -> dict:
+    """Clients that name no session: a chat client resending its whole history and a Responses chain. The
+    router keys each by its conversation's beginning, so every turn lands on one replica and resumes."""
+    history, chat_replicas, chat_cached = [], set(), []
+    for i in range(5):
+        history.append({"role": "user", "content": f"stock turn {i}"})
+        status, body, headers = post(url, "/v1/chat/completions", {"messages": history, "max_tokens": 8})
+        chat_replicas.add(headers["x-sinkstream-replica"])
+        chat_cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+        history.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+    prev, resp_replicas, resp_cached = None, set(), []
+    for i in range(4):
+        status, body, headers = post(url, "/v1/responses", {"input": f"responses turn {i}", "max_output_tokens": 8,
+                                                            "previous_response_id": prev})  # fmt: skip
+        resp_replicas.add(headers["x-sinkstream-replica"])
+        resp_cached.append(body["usage"]["input_tokens_details"]["cached_tokens"])
+        prev = body["id"]
+    return {"chat_replicas": len(chat_replicas), "chat_cached": chat_cached, "responses_replicas": len(resp_replicas),
+            "responses_cached": resp_cached}  # fmt: skip
+
+
 def scenario(url: str, snapshots: Path, db_url: str) -> dict:
     seen: dict = {"warm_up_requests": warm_up(url)}
     # affinity: every turn of a session on one replica, for the body field and the header alike
@@ -92,6 +121,7 @@ def scenario(url: str, snapshots: Path, db_url: str) -> dict:
     seen["body_replicas"] = sorted({t[2]["x-sinkstream-replica"] for t in body_turns})
     seen["header_replicas"] = sorted({t[2]["x-sinkstream-replica"] for t in head_turns})
     seen["header_turns"] = [t[1]["session"]["turns"] for t in head_turns]
+    seen["stock"] = stock_client(url)
     # two sessions that hash to different replicas decode at the same time
     where = {}
     for i in range(40):

@@ -45,6 +45,13 @@ def test_sessions_stay_on_one_replica(seen):
     assert seen["header_turns"] == [1, 2, 3, 4, 5]  # the header alone names the session
 
 
+def test_stock_clients_stay_on_one_replica_and_resume(seen):
+    stock = seen["stock"]
+    assert stock["chat_replicas"] == 1 and stock["responses_replicas"] == 1, stock
+    assert stock["chat_cached"][0] == 0 and all(c > 0 for c in stock["chat_cached"][1:]), stock
+    assert stock["responses_cached"][0] == 0 and all(c > 0 for c in stock["responses_cached"][1:]), stock
+
+
 def test_two_sessions_decode_on_two_replicas(seen):
     assert len(seen["replicas"]) == 2 and seen["concurrent"] == [200, 200]
     assert seen["replicas_listed"] == seen["replicas"]  # /v1/replicas, through the router

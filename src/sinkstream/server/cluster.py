@@ -45,23 +45,35 @@ AFFINITY = RequestRouterConfig(
 
 def route_key(headers, body: bytes) -> str | None:
     """What keeps a request's conversation on one replica: its session (the JSON body's ``session_id``,
-    else the ``x-session-id`` header), else, for a stock client that names none, a key of its
-    conversation's beginning (the same every turn, so its kept turns are in that replica's memory)."""
+    else the ``x-session-id`` header; a Responses request's ``conversation``), else, for a client that
+    names none, a key of its conversation's beginning, the same every turn (a resent history's first
+    messages, or the key a ``previous_response_id`` carries), so its kept turns are in that replica's
+    memory."""
     try:
         data = json.loads(body) if body else {}
     except (ValueError, UnicodeDecodeError):
         data = {}
     data = data if isinstance(data, dict) else {}
-    sid = data.get("session_id")
-    if isinstance(sid, str) and sid:
-        return sid
-    if headers.get(SESSION_HEADER):
-        return headers.get(SESSION_HEADER)
+    conv = data.get("conversation")
+    for sid in (data.get("session_id"), headers.get(SESSION_HEADER), conv.get("id") if isinstance(conv, dict) else conv):
+        if isinstance(sid, str) and sid:
+            return sid
+    prev = data.get("previous_response_id")
+    key = history.affinity_of_response(prev) if isinstance(prev, str) else None
     messages = data.get("messages")
-    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
-        tools = data.get("tools") if isinstance(data.get("tools"), list) else None
-        return "conversation:" + history.affinity(messages, tools)
-    return None
+    if key is None and isinstance(data.get("input"), str | list):
+        messages = _response_messages(data)
+    if key is None and isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        key = history.affinity(messages)
+    return f"conversation:{key}" if key else None
+
+
+def _response_messages(data: dict) -> list[dict]:
+    """A Responses request's first messages, as the server will see them (``responses``)."""
+    first = data["input"] if isinstance(data["input"], list) else [{"role": "user", "content": data["input"]}]
+    instructions = data.get("instructions")
+    head = [{"role": "system", "content": instructions}] if isinstance(instructions, str) and instructions else []
+    return head + [m for m in first if isinstance(m, dict) and m.get("role")]
 
 
 class ModelReplica:

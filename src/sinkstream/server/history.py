@@ -80,12 +80,27 @@ def returned_answer(content: str | None, calls: Sequence) -> dict:
     return message
 
 
-def affinity(messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
-    """A key of a conversation's beginning (its messages up to the first user message, and its tools),
-    the same for every turn of it: what a scaled-out server routes a request that names no session by."""
+AFFINITY_CHARS = 12
+
+
+def affinity(messages: Sequence[dict]) -> str:
+    """A key of a conversation's beginning (its messages up to the first user message), the same for every
+    turn of it: what a scaled-out server routes a request that names no session by, so that the
+    conversation's kept turns are in the memory of the replica it lands on."""
     head = []
     for m in messages:
         head.append(m)
         if m.get("role") == "user":
             break
-    return chain(tools, "affinity", head)[-1] if head else root(tools, "affinity")
+    return chain(None, "affinity", head)[-1][:AFFINITY_CHARS] if head else "0" * AFFINITY_CHARS
+
+
+def response_id(key: str, random_hex: str) -> str:
+    """A response id that carries its conversation's affinity key, so a request continuing it
+    (``previous_response_id``) is routed where the conversation is."""
+    return f"resp_{key}{random_hex}"
+
+
+def affinity_of_response(rid: str) -> str | None:
+    key = rid[len("resp_") : len("resp_") + AFFINITY_CHARS] if rid.startswith("resp_") else ""
+    return key if len(key) == AFFINITY_CHARS and all(c in "0123456789abcdef" for c in key) else None

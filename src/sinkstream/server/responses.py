@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..tools import CallStream, parse_calls
+from . import history as hist
 from . import items as I
 from . import protocol as P
 from .errors import ApiError
@@ -86,7 +88,16 @@ class ResponsesServing:
         else:
             raw = [it.model_dump(exclude_none=True, by_alias=True) for it in req.input]
         new = [I.stored(self._resolve(it, owners)) for it in raw]
-        return Call(req, I.new_id("resp"), time.time(), history, new)
+        return Call(req, self._new_id(req, history, new), time.time(), history, new)
+
+    @staticmethod
+    def _new_id(req: ResponseRequest, history: list[dict], new: list[dict]) -> str:
+        """An id that carries the conversation's affinity key (what a scaled-out router routes by)."""
+        key = hist.affinity_of_response(req.previous_response_id) if req.previous_response_id else None
+        if key is None:
+            head = [{"role": "system", "content": req.instructions}] if req.instructions else []
+            key = hist.affinity(head + history + I.to_messages(new))
+        return hist.response_id(key, uuid.uuid4().hex[:20])
 
     def _resolve(self, item: dict, owners: list[str]) -> dict:
         if item.get("type") != "item_reference" and set(item) != {"id"}:
