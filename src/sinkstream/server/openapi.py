@@ -31,14 +31,14 @@ SSE_EVENT = {  # OpenAPI 3.1: the schema of a text/event-stream describes each e
     "required": ["data"],
 }
 SSE = {"text/event-stream": {"schema": SSE_EVENT}}
-REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
+REQUESTS = ("ChatCompletionRequest", "CompletionRequest", "ResponseRequest")
 REPLICA_HEADER = {"description": "the server process that answered (--replica-id)", "schema": {"type": "string"}}
 
 
 def _limit_fields(schemas: dict, max_tokens: int, vocab: int) -> None:
     for name in REQUESTS:
         props = schemas[name]["properties"]
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             for alt in props.get(field, {}).get("anyOf", []):
                 if alt.get("type") == "integer":
                     alt["maximum"] = max_tokens

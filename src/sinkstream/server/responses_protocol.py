@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..sampling import REPETITION_PENALTY, SEED_RANGE
-from .protocol import FUNCTION_NAME, Int, _Body
+from .protocol import FUNCTION_NAME, Bias, Int, _Body
 
 MAX_ITEMS = 10_000
 
@@ -129,6 +129,7 @@ class ResponseRequest(_Body):
     repetition_penalty: float | None = Field(default=None, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Bias] | None = None
 
     @model_validator(mode="after")
     def _check(self):
