@@ -97,13 +97,13 @@ def stock_client(url: str) -> dict:
     history, chat_replicas, chat_cached = [], set(), []
     for i in range(5):
         history.append({"role": "user", "content": f"stock turn {i}"})
-        status, body, headers = post(url, "/v1/chat/completions", {"messages": history, "max_tokens": 8})
+        _, body, headers = post(url, "/v1/chat/completions", {"messages": history, "max_tokens": 8})
         chat_replicas.add(headers["x-sinkstream-replica"])
         chat_cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
         history.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
     prev, resp_replicas, resp_cached = None, set(), []
     for i in range(4):
-        status, body, headers = post(url, "/v1/responses", {"input": f"responses turn {i}", "max_output_tokens": 8,
+        _, body, headers = post(url, "/v1/responses", {"input": f"responses turn {i}", "max_output_tokens": 8,
                                                             "previous_response_id": prev})  # fmt: skip
         resp_replicas.add(headers["x-sinkstream-replica"])
         resp_cached.append(body["usage"]["input_tokens_details"]["cached_tokens"])

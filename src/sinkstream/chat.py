@@ -36,7 +36,8 @@ class Conversation:
 
     def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
         native = template_supports_tools(tokenizer)
-        messages = for_template(messages, self.tools, native)
+        # an answer's ``shown`` text (what a client got back, see ``finish``) is not the model's to see
+        messages = for_template([{k: v for k, v in m.items() if k != "shown"} for m in messages], self.tools, native)
         if getattr(tokenizer, "chat_template", None):
             extra = {"tools": self.tools} if self.tools and native else {}
             return tokenizer.apply_chat_template(
@@ -76,7 +77,10 @@ class Conversation:
 
     def finish(self, tokenizer, generated: Sequence[int], *, last_unfed: bool, cut_text: str | None = None) -> str:
         """Record the answer (token ids as sampled; ``last_unfed``: the last one was not fed to the
-        model; ``cut_text``: the answer cut before a stop string). Returns the answer text."""
+        model; ``cut_text``: the answer cut before a stop string). Returns the answer text. Its message's
+        ``content`` is the text as the model wrote it, special tokens included, so that rendering the
+        conversation again reproduces what was fed; a server may add ``shown``, the text a client got back
+        where it differs."""
         # the answer as the model wrote it (special tokens too), so that re-rendering the
         # conversation reproduces what was fed
         answer = cut_text if cut_text is not None else tokenizer.decode(list(generated), skip_special_tokens=False)

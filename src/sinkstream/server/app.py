@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from ..grammar import Grammars
 from . import openapi
@@ -157,4 +159,5 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     openapi.install(app, max_tokens=config.max_completion_tokens, vocab=checks.vocab)
     app.include_router(open_routes)
     app.include_router(api)
+    app.mount("/static", StaticFiles(directory=str(resources.files(__package__).joinpath("static"))), name="static")
     return app

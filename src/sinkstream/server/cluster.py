@@ -55,7 +55,11 @@ def route_key(headers, body: bytes) -> str | None:
         data = {}
     data = data if isinstance(data, dict) else {}
     conv = data.get("conversation")
-    for sid in (data.get("session_id"), headers.get(SESSION_HEADER), conv.get("id") if isinstance(conv, dict) else conv):
+    for sid in (
+        data.get("session_id"),
+        headers.get(SESSION_HEADER),
+        conv.get("id") if isinstance(conv, dict) else conv,
+    ):
         if isinstance(sid, str) and sid:
             return sid
     prev = data.get("previous_response_id")

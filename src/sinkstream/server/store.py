@@ -244,7 +244,7 @@ class SessionStore:
         turn = 1 + sum(x["role"] == "assistant" for x in conv.messages[:i]) if rewrite else conv.turns
         digest = session.digests[i] if i < len(session.digests) else None
         fed = conv.fed_text[(ends[i - 1] if i else 0) : ends[i]]
-        return MessageRow(i, turn, m["role"], m["content"], fed, digest)
+        return MessageRow(i, turn, m["role"], m.get("shown", m["content"]), fed, digest)
 
     def resume(self, candidates: list[tuple[int, str]]):
         """The deepest kept turn among ``candidates`` ((message index, digest) pairs): (index, a copy of

@@ -182,6 +182,9 @@ class Turns:
         (a session from before digests) is dropped: such a turn is kept for its session only."""
         state, text = turn.state, turn.job.text
         content, calls = parse_calls(text, turn.tool_names) if turn.tool_names else (text, [])
+        answer = state.conversation.messages[-1]
+        if not calls and (content or "") != answer["content"]:
+            answer["shown"] = content or ""  # the transcript shows what the client got (special tokens left out)
         if len(state.digests) != len(state.conversation.messages) - 1:
             state.digests = []
             return
