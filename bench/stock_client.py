@@ -10,13 +10,16 @@ Three clients, each over ``--turns`` turns of MT-Bench questions (both turns of 
   WebUI, LibreChat or SillyTavern send);
 - ``responses``: a Responses API chain (``previous_response_id``), sinkstream only (llama.cpp's server
   has no stateful Responses API);
-- the llama.cpp server (llama-cpp-python's ``llama_cpp.server``, the same GGUF, the same context
-  size), installed at run time into ``out/venv-llama-server``, driven by the same chat client.
+- the llama.cpp server (llama-cpp-python's ``llama_cpp.server``, the same GGUF), installed at run time
+  into ``out/venv-llama-server``, driven by the same chat client: with the same context as sinkstream's
+  cache, and with the model's whole context (``--llama-contexts``). It reuses the longest common prefix
+  of a resent prompt, but has no context shift: a history longer than its context is refused.
 
 Every answer is exactly ``--max-tokens`` long (the end-of-sequence token is banned through
 ``logit_bias``), so turns differ only in what the server must prefill. sinkstream's prefilled tokens are
 its own count (``sinkstream_prompt_tokens_total``); llama.cpp's are read from its log ("remaining N
-prompt tokens to eval"). The new messages' tokens per turn are the template's rendering of the turn
+prompt tokens to eval", and "prompt eval time … / N tokens" where it evaluates a prompt whole). The new
+messages' tokens per turn are the template's rendering of the turn
 minus the rendering before it (``/tokenize``). ``--open-webui`` then drives Open WebUI in Chromium
 (``bench/open_webui.py``). Last line: one JSON object; everything is also written to ``--out``.
 """
@@ -136,7 +139,9 @@ def llama_venv() -> Path | None:
     python = LLAMA_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
-        done = subprocess.run([str(LLAMA_VENV / "bin" / "pip"), "install", "-q", LLAMA_PACKAGE], capture_output=True, text=True)
+        done = subprocess.run(
+            [str(LLAMA_VENV / "bin" / "pip"), "install", "-q", LLAMA_PACKAGE], capture_output=True, text=True
+        )
         if done.returncode:
             shutil.rmtree(LLAMA_VENV, ignore_errors=True)
             print(f"llama.cpp server could not be installed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -172,9 +177,10 @@ class LlamaServer:
         raise RuntimeError("llama.cpp server did not come up")
 
     def evaluated(self) -> int:
-        """Prompt tokens evaluated so far (the sum of its log's per-request counts)."""
+        """Prompt tokens evaluated so far: llama.cpp's own count per request ("prompt eval time = … / N
+        tokens"), summed over its log."""
         text = self.log.read_text(errors="replace")
-        return sum(int(n) for n in re.findall(r"remaining (\d+) prompt tokens to eval", text))
+        return sum(int(n) for n in re.findall(r"prompt eval time =.*?/\s*(\d+) tokens", text))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -196,6 +202,9 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=1020)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", default="llama_cpp", help="comma-separated: llama_cpp, or none")
+    ap.add_argument(
+        "--llama-contexts", default="same,8192", help="llama.cpp's contexts: 'same' (as the cache) and sizes"
+    )
     ap.add_argument("--clients", default="chat,responses")
     ap.add_argument("--open-webui", action="store_true", help="then drive Open WebUI in Chromium (bench/open_webui.py)")
     ap.add_argument("--out", default="out/bench-stock")
@@ -209,7 +218,9 @@ def main() -> int:
     shutil.rmtree(state, ignore_errors=True)
     srv = Server("smollm2-135m", state, sink=args.sink, window=args.window, threads=args.threads, name="bench").start()
     try:
-        eos = request(srv.url, "POST", "/tokenize", {"prompt": "<|im_end|>", "add_special_tokens": False})[1]["tokens"][0]
+        eos = request(srv.url, "POST", "/tokenize", {"prompt": "<|im_end|>", "add_special_tokens": False})[1]["tokens"][
+            0
+        ]
         if "chat" in args.clients:
             rows = chat_client(srv.url, "bench", args.turns, args.max_tokens, eos, lambda: prefilled(srv.url), srv.url)
             result["sinkstream_chat"] = {"summary": summary(rows), "rows": rows}
@@ -218,16 +229,19 @@ def main() -> int:
             result["sinkstream_responses"] = {"summary": summary(rows), "rows": rows}
         if "llama_cpp" in args.peers.split(","):
             python = llama_venv()
-            if python is None:
-                result["llama_cpp_chat"] = {"summary": {"errors": ["could not be installed"]}}
-            else:
-                llama = LlamaServer(gguf_path(), args.sink + args.window, args.threads, out / "llama_server.log")
+            for ctx in args.llama_contexts.split(","):
+                n_ctx = args.sink + args.window if ctx == "same" else int(ctx)
+                name = f"llama_cpp_chat_ctx{n_ctx}"
+                if python is None:
+                    result[name] = {"summary": {"errors": ["could not be installed"]}}
+                    continue
+                llama = LlamaServer(gguf_path(), n_ctx, args.threads, out / f"llama_server_ctx{n_ctx}.log")
                 try:
                     llama.start(python)
                     rows = chat_client(llama.url, "bench", args.turns, args.max_tokens, eos, llama.evaluated, srv.url)
                 finally:
                     llama.stop()
-                result["llama_cpp_chat"] = {"summary": summary(rows), "rows": rows, "package": LLAMA_PACKAGE}
+                result[name] = {"summary": summary(rows), "rows": rows, "package": LLAMA_PACKAGE, "n_ctx": n_ctx}
     finally:
         srv.stop()
     if args.open_webui:

@@ -164,6 +164,20 @@ def test_session_modes_and_no_duplicate_turn(server):
     assert [m["turn"] for m in transcript] == [1, 1, 2, 2]
 
 
+def test_regenerate_the_first_answer_through_a_session(server):
+    """A client that resends its history regenerates the first answer by sending its question again: the
+    session's one turn is asked afresh, not appended a second time."""
+    question = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "first question"}]
+    first = ask(server, question, "first")
+    again = ask(server, question, "first")
+    assert again.model_extra["session"]["mode"] == "restarted" and again.model_extra["session"]["turns"] == 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    transcript = server.request("GET", "/v1/sessions/first/messages")[1]["data"]
+    assert [m["role"] for m in transcript] == ["system", "user", "assistant"]
+    r = ask(server, [question[1]], "first")  # a new turn, now that there are two questions: appended
+    assert r.model_extra["session"]["mode"] == "appended" and r.model_extra["session"]["turns"] == 2
+
+
 def test_retention_and_restart(model_dir, tmp_path):
     """Kept turns per conversation stay within --keep-turns; after a restart (nothing in memory) a resent
     history still resumes, bit-identically; no snapshot is left that no record names."""

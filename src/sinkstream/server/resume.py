@@ -6,7 +6,8 @@ Every request is matched message by message against what the server kept (``hist
   (``resumed``) and only the rest is fed; nothing kept matches: the whole request is streamed through
   a fresh cache (``new``);
 - a session and a request with no assistant message: the messages are the next turn (``appended``),
-  as sessions always took them;
+  as sessions always took them — unless the session has one turn and the request is its question again
+  (a regenerate of the first answer), which is asked afresh (``restarted``);
 - a session and a request that carries assistant messages (a client that resends its history): it
   ``continued`` when it extends the session's transcript; when it departs from it (regenerate, edit,
   a branch) the session goes back to the deepest kept turn the request matches (``branched``), or,
@@ -57,6 +58,9 @@ class Resumer:
         return Start(state, msgs[index + 1 :], digests[index + 1 :], "resumed", state.tokens_seen)
 
     def _in_session(self, session: Session, msgs, digests, answers, tools) -> Start:
+        if not answers and self._asks_first_turn_again(session, digests):
+            session.go_back(None)  # a regenerate of the only turn there is: its question again, no answer
+            return self._fresh(session, msgs, digests, "restarted")
         if not answers:  # only new messages: the session's next turn, as sessions always took them
             prev = session.digests[-1] if session.digests else history.root(tools, self.scope)
             new_digests = (
@@ -73,6 +77,16 @@ class Resumer:
         index, kept = found
         session.go_back(kept)
         return Start(session, msgs[index + 1 :], digests[index + 1 :], "branched", session.tokens_seen)
+
+    @staticmethod
+    def _asks_first_turn_again(session: Session, digests: list[str]) -> bool:
+        """The request is the question of a session's one and only turn, again (what a client that resends
+        its history sends to regenerate the first answer)."""
+        if session.turns != 1 or len(session.digests) != len(session.conversation.messages):
+            return False
+        roles = [m["role"] for m in session.conversation.messages]
+        asked = roles.index("assistant") if "assistant" in roles else -1
+        return asked == len(digests) and digests[-1] == session.digests[asked - 1]
 
     def _deepest(self, digests: list[str], answers: list[int]) -> tuple[int, Session] | None:
         found = self.store.resume([(i, digests[i]) for i in answers])
