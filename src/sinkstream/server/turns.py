@@ -185,13 +185,10 @@ class Turns:
         answer = state.conversation.messages[-1]
         if not calls and (content or "") != answer["content"]:
             answer["shown"] = content or ""  # the transcript shows what the client got (special tokens left out)
-        if len(state.digests) != len(state.conversation.messages) - 1:
+        if not state.digests or len(state.digests) != len(state.conversation.messages) - 1:
             state.digests = []
             return
-        prev = state.digests[-1] if state.digests else None
-        if prev is None:
-            state.digests = []
-            return
+        prev = state.digests[-1]
         state.digests += history.extend(prev, [history.returned_answer(content, calls)])
 
     def end(self, turn: Turn) -> None:
