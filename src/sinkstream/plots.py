@@ -8,15 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from .eval.ppl import perplexity
+from .extras import need
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    need("matplotlib", "eval").use("Agg")
+    return need("matplotlib.pyplot", "eval")
 
 
 def _save(plt, fig, path, dpi: int = 120) -> None:

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..extras import need
 from .options import UsageError, add_model_and_cache, check_cache_options, model_name
 
 DEFAULT_STATE = "~/.local/state/sinkstream"
@@ -109,6 +110,8 @@ def add_parser(sub) -> None:
 
 
 def validate(args) -> None:
+    for module in ("fastapi", "uvicorn", "prometheus_client", "xgrammar"):
+        need(module, "server")
     check_cache_options(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
