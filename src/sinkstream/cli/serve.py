@@ -182,28 +182,15 @@ def _check_store(args) -> None:
         raise UsageError(f"cannot open --store: {str(e).strip().splitlines()[0][:300]}") from None
 
 
-def build_app(args, replica_id: str | None = None):
-    """The server's app for these options: the model loaded, the config filled in (also what each
-    replica of a scaled-out server runs)."""
-    import torch
+def server_config(args):
+    """The server's configuration from these options (names, limits, cache, store, kept turns)."""
+    from ..server.app import ServerConfig
 
-    from ..models import load_model
-    from ..server.app import ServerConfig, create_app
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer = load_model(
-            args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn, weights=args.weights
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     names = args.served_model_name or [
         Path(args.model).name if args.model and os.path.exists(args.model) else model_name(args)
     ]
-    name = names[0]
-    config = ServerConfig(
-        model_name=name,
+    return ServerConfig(
+        model_name=names[0],
         aliases=tuple(names[1:]),
         accept_any_model=args.accept_any_model,
         cors_origins=tuple(args.cors_origins or ()),
@@ -213,7 +200,7 @@ def build_app(args, replica_id: str | None = None):
         state_dir=args.state_dir,
         store_url=args.store,
         snapshot_dir=args.snapshot_dir,
-        replica_id=replica_id or args.replica_id,
+        replica_id=args.replica_id,
         api_key=args.api_key,
         max_sessions=args.max_sessions,
         session_wait_s=args.session_wait,
@@ -229,17 +216,31 @@ def build_app(args, replica_id: str | None = None):
         turns_disk_mb=args.turns_disk_mb,
         turns_memory_mb=args.turns_memory_mb,
     )
-    return create_app(model, tokenizer, config), name
+
+
+def model_spec(args):
+    from ..server.app import ModelSpec
+
+    return ModelSpec(args.model, dtype=args.dtype, device=args.device, attn=args.attn, weights=args.weights,
+                     threads=args.threads)  # fmt: skip
 
 
 def run(args) -> int:
     import uvicorn
 
+    from ..server.app import build_app
+
+    spec, config = model_spec(args), server_config(args)
     if args.replicas:
         from ..server import cluster
 
-        return cluster.run(args)
-    app, name = build_app(args)
+        options = cluster.ClusterOptions(args.replicas, args.replica_cpus, args.ray_address, args.host, args.port)
+        return cluster.run(spec, config, options)
+    try:
+        app = build_app(spec, config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    name = config.model_name
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     server = uvicorn.Server(
