@@ -21,7 +21,7 @@ import torch
 from .cache import SinkCache
 from .decoding import RowState, eos_ids
 from .fused import FusedDecoder, select_decoder
-from .kernels import fast_cpu_matmul
+from .cpu_matmul import fast_cpu_matmul
 from .memory import peak_rss_mb
 from .positions import ALIBI_FAMILIES
 from .sampling import SamplingParams
@@ -96,10 +96,10 @@ def forward_stream(
     positions and mask). The one forward the engine and the server's worker share. With ``fused``,
     one-token steps run the fused decoder over the same cache; chunks run the transformers forward.
 
-    One-token steps run their fp32 matmuls on oneDNN where that is fp32-exact (``fast_cpu_matmul``):
-    with the decode weight layout it is 1.2x MKL here (README, issue 6). Their shapes are few (one
-    per weight and batch size), so oneDNN's per-shape primitive cache stays small; many-row prefill
-    chunks of every length keep PyTorch's default kernels."""
+    One-token steps run their fp32 matmuls on oneDNN where that is fp32-exact (``fast_cpu_matmul``),
+    faster than MKL with the decode weight layout. Their shapes are few (one per weight and batch
+    size), so oneDNN's per-shape primitive cache stays small; many-row prefill chunks of every length
+    keep PyTorch's default kernels."""
     rebased = rebase and isinstance(cache, SinkCache) and cache.rebase_if_due(ids.shape[-1]) > 0
     if fused is not None and ids.shape[-1] == 1 and isinstance(cache, SinkCache):
         return fused.step(cache, ids[:, 0]), rebased
@@ -140,7 +140,6 @@ class Engine:
         self.dense = dense  # a plain growing cache instead (the baseline that breaks)
         self.kv_dtype = kv_dtype  # keys/values stored in this dtype (None: the model's)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.eos_ids = eos_ids(model, tokenizer)
         # one-token steps: the fused decoder where it applies (``decode``: auto | fused | transformers)
         self.fused = None if dense else select_decoder(model, decode)

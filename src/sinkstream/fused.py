@@ -85,7 +85,7 @@ def _fuse(parent: nn.Module, names: list[str]):
         return fused
     if not all(isinstance(m, nn.Linear) for m in mods):
         raise ValueError(f"cannot fuse {[type(m).__name__ for m in mods]}")
-    from .kernels import release_file_pages
+    from .cpu_matmul import release_file_pages
 
     weight_t = torch.cat([m.weight.detach() for m in mods]).t().contiguous()  # [in, sum(out)]
     has_bias = any(m.bias is not None for m in mods)

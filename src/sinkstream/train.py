@@ -269,7 +269,7 @@ def train(
     """Train; returns the summary (also written to ``out/summary.json``)."""
     from tqdm import tqdm
 
-    from .kernels import fast_cpu_matmul
+    from .cpu_matmul import fast_cpu_matmul
 
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)

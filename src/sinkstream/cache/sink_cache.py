@@ -53,10 +53,6 @@ class SinkCache(Cache):
         super().__init__(layers=[SinkLayer.for_layout(self.counters[k], kv_dtype) for k in kinds])
         self.main = self.counters["alibi" if "alibi" in self.counters else "rope"]
 
-    @classmethod
-    def for_model(cls, model, n_sink: int = 4, window: int = 1020, kv_dtype: torch.dtype | None = None) -> SinkCache:
-        return cls(n_sink, window, config=model.config, kv_dtype=kv_dtype)
-
     # -- counters -----------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:

@@ -72,7 +72,6 @@ class Worker:
         self.model, self.tokenizer = model, tokenizer
         self.fused = select_decoder(model, decode)  # one-token steps (batched decode, 1-token chunks)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
         self.eos_ids = eos_ids(model, tokenizer)
         self.metrics = metrics
