@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
+from .cpu_matmul import fast_cpu_matmul
 from .decoding import RowState, eos_ids
 from .fused import FusedDecoder, select_decoder
-from .cpu_matmul import fast_cpu_matmul
 from .memory import peak_rss_mb
 from .positions import ALIBI_FAMILIES
 from .sampling import SamplingParams
