@@ -109,7 +109,7 @@ def test_engine_answers_follow_the_schema(family):
         params = SamplingParams(max_new_tokens=80, temperature=1.0, seed=seed)
         answer = engine.generate(prompt, params, grammars.json_schema(SCHEMA))
         text = "".join(t.text for t in answer)
-        assert answer.finish_reason == "stop" and engine.tokens_seen > 4 + 28
+        assert answer.row.finish_reason == "stop" and engine.tokens_seen > 4 + 28
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
