@@ -148,12 +148,15 @@ class Engine:
 
     def cache_bytes(self) -> int:
         """Bytes held by the cache's key/value tensors (each storage counted once)."""
+        if isinstance(self.cache, SinkCache):
+            tensors = [t for layout in self.cache.layouts.values() for t in layout.buffers().values()]
+        else:
+            tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
         seen, total = set(), 0
-        for layer in self.cache.layers:
-            for t in vars(layer).values():
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    seen.add(t.untyped_storage().data_ptr())
-                    total += t.untyped_storage().nbytes()
+        for t in tensors:
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
         return total
 
     @torch.no_grad()

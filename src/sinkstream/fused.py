@@ -296,8 +296,7 @@ class FusedDecoder:
         positions = torch.tensor([plan.positions, plan.sink_positions], device=device).t()  # [B, 2]
         slots = torch.tensor(plan.slots, device=device)
         lengths = torch.tensor(plan.lengths, device=device)
-        buffers = [(c.keys, c.values, c.sink_keys, c.sink_values) for c in cache.layers]
-        return self._run(ids, positions, slots, lengths, buffers)
+        return self._run(ids, positions, slots, lengths, cache.decode_buffers())
 
     def compile(self, **options) -> None:
         """Capture the step's tensor work with ``torch.compile(**options)`` (on CUDA,
