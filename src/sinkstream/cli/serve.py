@@ -23,64 +23,24 @@ def add_parser(sub) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health and the page "
         "(default: env SINKSTREAM_API_KEY; none: open)",
     )
-    s.add_argument(
-        "--state-dir",
-        default=None,
-        help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})",
-    )
-    s.add_argument(
-        "--store",
-        default=None,
-        metavar="URL",
-        help="sessions' records in this PostgreSQL database (postgresql://…; default: SQLite in --state-dir)",
-    )
-    s.add_argument(
-        "--snapshot-dir",
-        default=None,
-        help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
-    )
-    s.add_argument("--replica-id", default=None, help="this server's name in x-sinkstream-replica (default host:pid)")
-    c = s.add_argument_group("scale-out on Ray Serve (pip install 'sinkstream[cluster]')")
-    c.add_argument("--replicas", type=int, default=None, help="serve N replicas on Ray Serve (needs --store)")
-    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
-    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
-    s.add_argument(
-        "--max-sessions",
-        type=int,
-        default=16,
-        help="idle sessions kept in memory; the others wait on disk (default 16)",
-    )
-    s.add_argument(
-        "--max-request-tokens", type=int, default=1_000_000, help="tokens one request may feed (default 1000000)"
-    )
-    s.add_argument(
-        "--max-completion-tokens",
-        type=int,
-        default=16_384,
-        help="largest max_tokens a request may ask for (default 16384)",
-    )
-    s.add_argument(
-        "--default-max-tokens",
-        type=int,
-        default=None,
-        help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)",
-    )
-    s.add_argument(
-        "--session-wait",
-        type=float,
-        default=0.0,
-        help="seconds a request for a busy session waits its turn (default 0: refused at once with 409)",
-    )
-    s.add_argument("--session-queue", type=int, default=8, help="requests that may wait for one session (default 8)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_names(s.add_argument_group("the model's names and the clients it serves"))
+    _add_store(s.add_argument_group("sessions and their store"))
+    _add_limits(s.add_argument_group("limits"))
     k = s.add_argument_group("kept turns: any client's resent history resumes instead of being fed again")
     k.add_argument(
         "--keep-turns", type=int, default=4, help="turns kept per conversation for regenerate and edit (default 4)"
     )
     k.add_argument("--turns-disk-mb", type=float, default=8192, help="disk all kept turns may take (default 8192)")
     k.add_argument("--turns-memory-mb", type=float, default=1024, help="kept turns also held in memory (default 1024)")
-    s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
-    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
-    s.add_argument(
+    c = s.add_argument_group("scale-out on Ray Serve (pip install 'sinkstream[cluster]')")
+    c.add_argument("--replicas", type=int, default=None, help="serve N replicas on Ray Serve (needs --store)")
+    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+
+
+def _add_names(g) -> None:
+    g.add_argument(
         "--served-model-name",
         nargs="+",
         default=None,
@@ -88,25 +48,77 @@ def add_parser(sub) -> None:
         help="the model's names in the API, the first one primary (default: --model, or smollm2-135m); "
         "a request for another name gets 404 unless --accept-any-model",
     )
-    s.add_argument(
+    g.add_argument(
         "--accept-any-model",
         action="store_true",
         help="answer requests for any model name with this model (clients with a hard-coded name, e.g. gpt-4o-mini)",
     )
-    s.add_argument(
+    g.add_argument(
         "--cors-origins",
         nargs="+",
         default=None,
         metavar="ORIGIN",
         help="let web pages from these origins call the API (e.g. http://localhost:3000; '*' for any); default: none",
     )
-    s.add_argument(
+
+
+def _add_store(g) -> None:
+    g.add_argument(
+        "--state-dir",
+        default=None,
+        help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})",
+    )
+    g.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="sessions' records in this PostgreSQL database (postgresql://…; default: SQLite in --state-dir)",
+    )
+    g.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
+    )
+    g.add_argument("--replica-id", default=None, help="this server's name in x-sinkstream-replica (default host:pid)")
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        default=16,
+        help="idle sessions kept in memory; the others wait on disk (default 16)",
+    )
+    g.add_argument(
+        "--session-wait",
+        type=float,
+        default=0.0,
+        help="seconds a request for a busy session waits its turn (default 0: refused at once with 409)",
+    )
+    g.add_argument("--session-queue", type=int, default=8, help="requests that may wait for one session (default 8)")
+
+
+def _add_limits(g) -> None:
+    g.add_argument(
+        "--max-request-tokens", type=int, default=1_000_000, help="tokens one request may feed (default 1000000)"
+    )
+    g.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        default=16_384,
+        help="largest max_tokens a request may ask for (default 16384)",
+    )
+    g.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)",
+    )
+    g.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
+    g.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
+    g.add_argument(
         "--max-queue",
         type=int,
         default=64,
         help="requests that may wait for a place in the batch; more get 429 with Retry-After (default 64)",
     )
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def validate(args) -> None:
