@@ -88,6 +88,7 @@ class Layout:
     kind = ""
     is_sliding = False
     bounded_chunks = True  # a chunk may not bring more than ``window`` tokens to the window
+    masks_per_row = False  # a mask built from (kv_length, offset) fits rows of different lengths
 
     def __init__(self, n_sink: int, window: int, rope: Rope | None, n_layers: int, kv_dtype=None):
         self.n_sink, self.window, self.rope, self.n_layers, self.kv_dtype = n_sink, window, rope, n_layers, kv_dtype
@@ -177,14 +178,18 @@ class Layout:
         if not self.rows:
             return q, 0
         self.check_chunk(q)
-        if len(self.rows) > 1 and not self.uniform():
+        if not self.masks_per_row and len(self.rows) > 1 and not self.uniform():
             raise ValueError(
                 "SinkCache rows hold streams of different lengths: pass position_ids=cache.position_ids() "
                 "and attention_mask=cache.attention_mask() (sinkstream's engine does)"
             )
-        lo, hi = self.view(self.after(q))
-        kv = hi - lo
+        kv = self.kv_length(q)
         return kv, self.seq_length() + q - kv
+
+    def kv_length(self, q: int) -> int:
+        """Keys a forward of q tokens per row attends to."""
+        lo, hi = self.view(self.after(q))
+        return hi - lo
 
     def check_chunk(self, q: int) -> None:
         if q == 1:
@@ -456,17 +461,8 @@ class SlidingLayout(RingLayout):
     def _moved(self, plan, b, before, r, src, deltas) -> None:
         """No sinks to place."""
 
-    def mask_sizes(self, q: int) -> tuple[int, int]:
-        if not self.rows:
-            return q, 0
-        self.check_chunk(q)
-        if len(self.rows) > 1 and not self.uniform():
-            raise ValueError(
-                "SinkCache rows hold streams of different lengths: pass position_ids=cache.position_ids() "
-                "and attention_mask=cache.attention_mask() (sinkstream's engine does)"
-            )
-        kv = max(min(r.n_window, self.window - 1) for r in self.rows) + q
-        return kv, self.seq_length() + q - kv
+    def kv_length(self, q: int) -> int:
+        return max(min(r.n_window, self.window - 1) for r in self.rows) + q
 
     def _append_window(self, i: int, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
         """The chunk attends to window - 1 old keys and itself; the last ``window`` are kept."""
@@ -481,6 +477,7 @@ class AlibiLayout(Layout):
     """ALiBi layers: sinks and window contiguous, in order (see the module docstring)."""
 
     kind = "alibi"
+    masks_per_row = True  # ALiBi models build their bias from the 2D mask of each row
 
     def capacity(self) -> int:
         return self.n_sink + 2 * self.window
@@ -501,14 +498,6 @@ class AlibiLayout(Layout):
             return 0
         lo, hi = self.view(self.after(1))
         return hi - lo - 1
-
-    def mask_sizes(self, q: int) -> tuple[int, int]:
-        if not self.rows:
-            return q, 0
-        self.check_chunk(q)
-        lo, hi = self.view(self.after(q))
-        kv = hi - lo
-        return kv, self.seq_length() + q - kv
 
     def advance_row(self, r: Row, q: int) -> tuple[int, int]:
         _, w = self._take_sinks(r, q)
