@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from sinkstream import Engine, load_model
+from sinkstream.cpu_matmul import fast_cpu_matmul
 from sinkstream.eval.data import gutenberg_text
-from sinkstream.kernels import fast_cpu_matmul
 from sinkstream.memory import rss_mb
 
 

@@ -157,8 +157,8 @@ def _move_to_offset(cache: SinkCache, offset: int) -> None:
     for layer in cache.layers:
         win = layer.keys[:, :, layer.n_sink :]
         win.copy_(layer.rope.shift(win, offset))
-    for counters in cache.counters.values():
-        for r in counters.rows:
+    for layout in cache.layouts.values():
+        for r in layout.rows:
             r.seen += offset
             r.sink_delta = None  # the next step re-places the sinks
 

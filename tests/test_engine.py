@@ -33,8 +33,10 @@ def test_eos_stops_generation(engine):
         toks = [t.id for t in answer if t.id >= 0]
     finally:
         engine.eos_ids = saved
-    assert toks == greedy[:2] == answer.token_ids and engine.stats.finish_reason == answer.finish_reason == "stop"
-    assert not answer.last_unfed  # every yielded token was fed before EOS was sampled
+    assert (
+        toks == greedy[:2] == answer.row.generated and engine.stats.finish_reason == answer.row.finish_reason == "stop"
+    )
+    assert not answer.row.last_unfed  # every yielded token was fed before EOS was sampled
 
 
 def test_dense_engine_breaks_at_max_positions_streaming_does_not():

@@ -15,6 +15,7 @@ import uvicorn
 
 from helpers import tiny_model, tiny_tokenizer
 from serverproc import free_port, request, sse_events
+from sinkstream.decoding import RowState
 from sinkstream.server.app import ServerConfig, create_app
 
 
@@ -86,10 +87,10 @@ def _fail_once(target, name: str, monkeypatch, exc: Exception | None = None):
     return fired
 
 
-STAGES = {  # stage -> (object on app.state, method)
+STAGES = {  # stage -> (object on app.state, or a class, and its method)
     "submit": ("worker", "submit"),
     "prefill": ("worker", "_prefill_chunk"),
-    "sample": ("worker", "_sample_row"),
+    "sample": (RowState, "step"),  # one row's sampling (every row's step goes through it)
     "model step": ("worker", "_step"),
     "commit": ("store", "commit"),
 }
@@ -106,7 +107,7 @@ def test_failure_at_each_stage_releases_the_session(live, stage, stream, monkeyp
 
     owner, method = STAGES[stage]
     exc = OSError(28, "No space left on device") if stage == "commit" else Injected("injected failure")
-    fired = _fail_once(getattr(live.state, owner), method, monkeypatch, exc)
+    fired = _fail_once(getattr(live.state, owner) if isinstance(owner, str) else owner, method, monkeypatch, exc)
     assert _answer(*_turn(live, sid, "second turn", stream), stream=stream) is None
     assert fired
 
@@ -126,7 +127,7 @@ def test_failed_first_turn_leaves_no_session(live, monkeypatch):
 
 
 def test_sessionless_completion_failure_is_one_error(live, monkeypatch):
-    _fail_once(live.state.worker, "_sample_row", monkeypatch)
+    _fail_once(RowState, "step", monkeypatch)
     body = {"model": "tiny", "prompt": ["one", "two", "three"], "max_tokens": 6, "temperature": 0}
     status, err = request(live.state.url, "POST", "/v1/completions", body)
     assert status == 500 and "injected" in err["error"]["message"]

@@ -64,7 +64,7 @@ def test_decode_cache_exact_over_2000_steps(attn):
 
 
 def test_attention_maps_every_family(family):
-    from sinkstream.eval.attn import attention_maps, first_token_mass
+    from sinkstream.attention_maps import attention_maps, first_token_mass
 
     model = tiny_model(family, layers=2)
     maps = attention_maps(model, random_ids(24)[0])
@@ -81,7 +81,7 @@ def test_attention_maps_every_family(family):
 
 
 def test_sink_head_mass_finds_one_sink_head():
-    from sinkstream.eval.attn import first_token_mass, sink_head_mass
+    from sinkstream.attention_maps import first_token_mass, sink_head_mass
 
     n = 64
     uniform = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]

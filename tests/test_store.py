@@ -44,7 +44,7 @@ def _turn(store, worker, sid, text, tok):
     )
     while not isinstance(job.events.get(timeout=60), DoneEvent):
         pass
-    conv.finish(tok, job.generated, last_unfed=job.last_unfed)
+    conv.finish(tok, job.row.generated, last_unfed=job.row.last_unfed)
     store.commit(session, job.cache, before)
     store.keep(session)
     return job
@@ -83,7 +83,7 @@ def test_commit_reload_and_crash(tmp_path, records):
         again.keep(loaded)
         ja = _turn(again, worker, "a", "and on", tok)  # continues as if nothing had happened
         assert again.info("a")["turns"] == 4
-        assert ja.generated == jb.generated and torch.equal(ja.logits, jb.logits)
+        assert ja.row.generated == jb.row.generated and torch.equal(ja.logits, jb.logits)
     finally:
         worker.stop()
 

@@ -1,6 +1,5 @@
-"""Tool calls and grammars in the library: how tools are rendered (natively, or in the fallback form),
-how calls are read back (whole, streamed), and grammar-held answers from the engine for several model
-families, batched rows and a stream far past its window."""
+"""Tool calls in the library: how tools are rendered (natively, or in the fallback form) and how calls are
+read back (whole, streamed)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,8 @@ import json
 import jsonschema
 import pytest
 
-from helpers import tiny_model, tiny_tokenizer
+from helpers import tiny_tokenizer
 from sinkstream.chat import Conversation
-from sinkstream.engine import Engine, SamplingParams
-from sinkstream.grammar import GrammarError, Grammars
 from sinkstream.tools import CallStream, call_schema, parse_calls, template_supports_tools
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
@@ -92,46 +89,3 @@ def test_call_schema():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"name": "ping", "arguments": {}}, call_schema(two, "add"))
     jsonschema.validate({"name": "add", "arguments": {"a": 1, "b": 2}}, call_schema(two, "add"))
-
-
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
-          "maximum": 999}, "tag": {"enum": ["x", "y"]}}, "required": ["ok", "n", "tag"], "additionalProperties": False}  # fmt: skip
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "falcon"])
-def test_engine_answers_follow_the_schema(family):
-    model, tok = tiny_model(family), tiny_tokenizer()
-    engine = Engine(model, tok, n_sink=4, window=28)  # the prompt alone overflows the cache
-    grammars = Grammars(tok, model.config.get_text_config().vocab_size, engine.eos_ids)
-    prompt = tok("a long prompt that streams through a small cache " * 2).input_ids
-    for seed in range(3):
-        engine.reset()
-        params = SamplingParams(max_new_tokens=80, temperature=1.0, seed=seed)
-        answer = engine.generate(prompt, params, grammars.json_schema(SCHEMA))
-        text = "".join(t.text for t in answer)
-        assert answer.finish_reason == "stop" and engine.tokens_seen > 4 + 28
-        jsonschema.validate(json.loads(text), SCHEMA)
-
-
-def test_batched_rows_keep_their_own_grammar():
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    engine = Engine(model, tok, n_sink=4, window=60)
-    grammars = Grammars(tok, model.config.get_text_config().vocab_size, engine.eos_ids)
-    prompts = [tok("first").input_ids, tok("second one").input_ids]
-    params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=1)
-    alone = []
-    for ids in prompts:
-        engine.reset()
-        alone.append("".join(t.text for t in engine.generate(ids, params, grammars.json_schema(SCHEMA))))
-    together = ["", ""]
-    for row, t in engine.generate_batch(prompts, params, [grammars.json_schema(SCHEMA), None]):
-        together[row] += t.text
-    assert together[0] == alone[0]
-    with pytest.raises(ValueError):
-        json.loads(together[1])  # the unconstrained row is free text
-
-
-def test_a_schema_the_compiler_refuses():
-    grammars = Grammars(tiny_tokenizer(), 100, {2})
-    with pytest.raises(GrammarError, match="Unsupported type"):
-        grammars.json_schema({"type": "nope"})

@@ -41,8 +41,8 @@ def test_batched_jobs_equal_alone():
             tokens, reason = _drain(job)
             assert tokens == ref
             assert reason == ("length" if len(ref) == job.params.max_new_tokens else "stop")
-            assert job.last_unfed == (reason == "length")  # an EOS is never fed; the last of a full answer isn't
-            assert job.cache.batch_size == 1 and job.cache.tokens_seen == len(job.ids) + len(ref) - job.last_unfed
+            assert job.row.last_unfed == (reason == "length")  # an EOS is never fed; the last of a full answer isn't
+            assert job.cache.batch_size == 1 and job.cache.tokens_seen == len(job.ids) + len(ref) - job.row.last_unfed
     finally:
         worker.stop()
 

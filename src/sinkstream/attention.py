@@ -27,7 +27,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .kernels import default_matmul
+from .cpu_matmul import default_matmul
 
 ATTN_NAME = "sinkstream"
 

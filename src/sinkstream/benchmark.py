@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from .cpu_matmul import fast_cpu_matmul
 from .engine import Engine
-from .kernels import fast_cpu_matmul
 from .memory import peak_rss_mb, rss_mb
 
 CHECKPOINTS = (1_000, 2_000, 10_000, 100_000, 1_000_000)

@@ -139,5 +139,6 @@ class ChatSession:
                     yield t.text
         finally:
             answer.close()  # an interrupted answer stops here, its tokens so far in the cache
-            cut = answer.text if answer.stop_hit else None
-            self.conversation.finish(tok, answer.token_ids, last_unfed=answer.last_unfed, cut_text=cut)
+            row = answer.row
+            cut = row.text if row.stop_hit else None
+            self.conversation.finish(tok, row.generated, last_unfed=row.last_unfed, cut_text=cut)

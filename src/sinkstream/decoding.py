@@ -1,5 +1,4 @@
-"""One stream's decoding, the same wherever tokens are sampled: the engine, its batches and the
-server's worker.
+"""Decoding, the same wherever tokens are sampled: the engine, its batches and the server's worker.
 
 A ``RowState`` holds what one stream needs between steps (its sampling parameters and generator,
 its logit bias, its detokenizer, what it generated) and decides, token by token, whether the
@@ -7,6 +6,11 @@ answer goes on: an end-of-sequence token ends it unseen, a stop string ends it w
 before the string, ``max_new_tokens`` ends it at length. The last sampled token is never fed to
 the model by the loop: whoever continues the stream decides what to feed next (a chat feeds the
 end-of-turn marker).
+
+A ``DecodeBatch`` is the decode loop's one step, for any number of rows: sample every row with its
+own parameters, let it take its token, drop the rows that finished, and say which tokens to feed.
+The caller runs the forward over its cache (and drops the finished rows from it); the engine and the
+server's worker differ only in what they do with each row's outcome.
 """
 
 from __future__ import annotations
@@ -147,3 +151,88 @@ class RowState:
     def flush(self) -> str:
         """The text held back until the end (a partial stop string that never completed)."""
         return self.detok.flush()
+
+    def step(self, logits: torch.Tensor) -> RowStep:
+        """Sample from ``logits`` [1, V] and take the token; the text the answer gained, and its last
+        text when it ended."""
+        if self.params.max_new_tokens <= 0:
+            self.finish_reason = "length"
+            return RowStep(None, None, self.flush())
+        tid = self.sample(logits)
+        text = self.accept(tid)
+        return RowStep(tid, text, self.flush() if self.done else "")
+
+
+@dataclass
+class RowStep:
+    """What one row did in a step: the token sampled (None: none was, ``max_new_tokens`` was 0), the text
+    it made final (None: it ended the answer unseen, as an end-of-sequence token does; may be empty), the
+    held-back text released when the answer ended; for a batch step that isolates its rows, the error
+    that ended this row alone, or that its owner cancelled it."""
+
+    token: int | None
+    text: str | None
+    tail: str = ""
+    error: Exception | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class BatchStep:
+    """One step of a ``DecodeBatch``: every row's outcome (in the batch's order before the step), the
+    rows that go on (their indices) and the tokens to feed them."""
+
+    rows: list[RowStep]
+    keep: list[int]
+    next_ids: list[int]
+
+    @property
+    def dropped(self) -> bool:
+        return len(self.keep) < len(self.rows)
+
+
+class DecodeBatch:
+    """Rows decoding together, each with its next-token logits and an owner (the caller's handle for it)."""
+
+    def __init__(self):
+        self.rows: list[RowState] = []
+        self.owners: list = []
+        self.logits: list[torch.Tensor] = []  # [1, V] each
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, row: RowState, logits: torch.Tensor, owner=None) -> None:
+        self.rows.append(row)
+        self.logits.append(logits)
+        self.owners.append(owner)
+
+    def step(self, isolate: bool = False, cancelled=None) -> BatchStep:
+        """Sample and take every row's token; rows that finished leave the batch. With ``isolate``, a row
+        whose sampling fails leaves alone with its error (else the error propagates); ``cancelled(owner)``
+        says which rows leave without sampling."""
+        outcomes, keep, next_ids = [], [], []
+        for b, (row, logits, owner) in enumerate(zip(self.rows, self.logits, self.owners)):
+            if cancelled is not None and cancelled(owner):
+                outcomes.append(RowStep(None, None, cancelled=True))
+                continue
+            try:
+                outcome = row.step(logits)
+            except Exception as e:
+                if not isolate:
+                    raise
+                outcomes.append(RowStep(None, None, error=e))
+                continue
+            outcomes.append(outcome)
+            if not row.done:
+                keep.append(b)
+                next_ids.append(outcome.token)
+        self.rows, self.owners = [self.rows[b] for b in keep], [self.owners[b] for b in keep]
+        self.logits = []
+        return BatchStep(outcomes, keep, next_ids)
+
+    def fed(self, logits: torch.Tensor) -> None:
+        """The kept rows' tokens went into the model, which gave ``logits`` [B, V] for their next ones."""
+        self.logits = [logits[b : b + 1] for b in range(len(self.rows))]
+        for row in self.rows:
+            row.fed()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
-from .decoding import RowState, eos_ids
+from .cpu_matmul import fast_cpu_matmul
+from .decoding import DecodeBatch, RowState, eos_ids
 from .fused import FusedDecoder, select_decoder
-from .kernels import fast_cpu_matmul
 from .memory import peak_rss_mb
 from .positions import ALIBI_FAMILIES
 from .sampling import SamplingParams
@@ -38,7 +38,9 @@ class Token:
 
 
 class Generation:
-    """One ``generate`` call: iterate it for its tokens; afterwards it says how the answer ended."""
+    """One ``generate`` call: iterate it for its tokens; its ``row`` (``decoding.RowState``) then says how
+    the answer ended (``finish_reason``, ``text`` cut before a stop string, ``generated`` ids,
+    ``last_unfed``: whether the last one is not in the cache yet)."""
 
     def __init__(self, tokens: Iterator[Token], row: RowState):
         self._tokens, self.row = tokens, row
@@ -49,26 +51,6 @@ class Generation:
     def close(self) -> None:
         """Stop early (the tokens sampled so far stay in the cache, the last one unfed)."""
         self._tokens.close()
-
-    @property
-    def finish_reason(self) -> str | None:  # stop | length; None if not run to its end
-        return self.row.finish_reason
-
-    @property
-    def text(self) -> str:  # the answer's text, cut before a stop string
-        return self.row.text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.row.generated
-
-    @property
-    def stop_hit(self) -> bool:
-        return self.row.stop_hit
-
-    @property
-    def last_unfed(self) -> bool:  # the last generated token is not in the cache yet
-        return self.row.last_unfed
 
 
 @dataclass
@@ -96,10 +78,10 @@ def forward_stream(
     positions and mask). The one forward the engine and the server's worker share. With ``fused``,
     one-token steps run the fused decoder over the same cache; chunks run the transformers forward.
 
-    One-token steps run their fp32 matmuls on oneDNN where that is fp32-exact (``fast_cpu_matmul``):
-    with the decode weight layout it is 1.2x MKL here (README, issue 6). Their shapes are few (one
-    per weight and batch size), so oneDNN's per-shape primitive cache stays small; many-row prefill
-    chunks of every length keep PyTorch's default kernels."""
+    One-token steps run their fp32 matmuls on oneDNN where that is fp32-exact (``fast_cpu_matmul``),
+    faster than MKL with the decode weight layout. Their shapes are few (one per weight and batch
+    size), so oneDNN's per-shape primitive cache stays small; many-row prefill chunks of every length
+    keep PyTorch's default kernels."""
     rebased = rebase and isinstance(cache, SinkCache) and cache.rebase_if_due(ids.shape[-1]) > 0
     if fused is not None and ids.shape[-1] == 1 and isinstance(cache, SinkCache):
         return fused.step(cache, ids[:, 0]), rebased
@@ -140,7 +122,6 @@ class Engine:
         self.dense = dense  # a plain growing cache instead (the baseline that breaks)
         self.kv_dtype = kv_dtype  # keys/values stored in this dtype (None: the model's)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.eos_ids = eos_ids(model, tokenizer)
         # one-token steps: the fused decoder where it applies (``decode``: auto | fused | transformers)
         self.fused = None if dense else select_decoder(model, decode)
@@ -167,12 +148,15 @@ class Engine:
 
     def cache_bytes(self) -> int:
         """Bytes held by the cache's key/value tensors (each storage counted once)."""
+        if isinstance(self.cache, SinkCache):
+            tensors = [t for layout in self.cache.layouts.values() for t in layout.buffers().values()]
+        else:
+            tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
         seen, total = set(), 0
-        for layer in self.cache.layers:
-            for t in vars(layer).values():
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    seen.add(t.untyped_storage().data_ptr())
-                    total += t.untyped_storage().nbytes()
+        for t in tensors:
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
         return total
 
     @torch.no_grad()
@@ -262,48 +246,33 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self, cache, rows: list[RowState], logits: torch.Tensor) -> Iterator[tuple[int, Token]]:
-        """The decode loop: sample every live row, let each decide whether it goes on, feed the tokens
-        of those that do in one step (rows that finished leave the batch). Yields (row, Token)."""
-        live = list(range(len(rows)))  # the row of every batch row
+        """The decode loop (``DecodeBatch``): every live row samples and takes its token, those that go
+        on are fed in one step, rows that finished leave the batch. Yields (row, Token)."""
+        batch = DecodeBatch()
+        for r, row in enumerate(rows):
+            batch.add(row, logits[r : r + 1], owner=r)
         t0 = time.perf_counter()
         try:
-            while live:
-                keep, next_ids = [], []
-                for b, r in enumerate(live):
-                    tid = self._sample_row(rows[r], logits[b : b + 1])
-                    for token in self._emit(rows[r], tid):
-                        yield r, token
-                    if not rows[r].done:
-                        keep.append(b)
-                        next_ids.append(tid)
-                if not keep:
+            while len(batch):
+                live = batch.owners
+                step = batch.step()
+                for r, outcome in zip(live, step.rows):
+                    yield from ((r, token) for token in self._tokens(outcome))
+                if not step.keep:
                     return
-                if len(keep) < len(live):
-                    cache.select_rows(keep)
-                    live = [live[b] for b in keep]
-                ids = torch.tensor(next_ids, device=self.device)[:, None]
-                logits = self._forward(cache, ids, rows_differ=len(live) > 1)
-                for r in live:
-                    rows[r].fed()
+                if step.dropped:
+                    cache.select_rows(step.keep)
+                ids = torch.tensor(step.next_ids, device=self.device)[:, None]
+                batch.fed(self._forward(cache, ids, rows_differ=len(step.keep) > 1))
         finally:
             self.stats.decode_s += time.perf_counter() - t0
 
-    @staticmethod
-    def _sample_row(row: RowState, logits: torch.Tensor) -> int | None:
-        if row.params.max_new_tokens <= 0:
-            row.finish_reason = "length"
-            return None
-        return row.sample(logits)
-
-    def _emit(self, row: RowState, tid: int | None) -> Iterator[Token]:
-        text = row.accept(tid) if tid is not None else None
-        if text is not None:
+    def _tokens(self, outcome) -> Iterator[Token]:
+        if outcome.text is not None:
             self.stats.tokens_generated += 1
-            yield Token(tid, text)
-        if row.done:
-            tail = row.flush()
-            if tail:
-                yield Token(-1, tail)
+            yield Token(outcome.token, outcome.text)
+        if outcome.tail:
+            yield Token(-1, outcome.tail)
 
     def summary(self) -> dict:
         """Stats of everything this engine did, as one JSON-able dict."""

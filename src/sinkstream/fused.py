@@ -14,11 +14,11 @@ the *query* a second time instead (to ``DecodeStep.sink_positions``) and scores 
 they were computed (``sink_keys``): the same scores, without writing to the cache. Positions stay
 bounded by the cache's rebase.
 
-Two backends compute the same step. ``native`` (float32 models on the CPU, when sinkstream's kernels
-build): packed int8/bf16 or float32 products and one kernel for rotary + cache write + attention over
-only the filled slots. ``torch``: PyTorch ops only, every shape fixed by the cache's capacity (the
-attention always spans the whole buffer under a mask), so a CUDA graph or ``torch.compile`` can capture
-it; it also serves bf16/fp16 models and other devices.
+One step, two backends (objects with the same operations): ``NativeBackend`` (float32 models on the
+CPU, when sinkstream's kernels build): packed int8/bf16 or float32 products and one kernel for rotary +
+cache write + attention over only the filled slots. ``TorchBackend``: PyTorch ops only, every shape fixed
+by the cache's capacity (the attention always spans the whole buffer under a mask), so a CUDA graph or
+``torch.compile`` can capture it; it also serves bf16/fp16 models and other devices.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _fuse(parent: nn.Module, names: list[str]):
         return fused
     if not all(isinstance(m, nn.Linear) for m in mods):
         raise ValueError(f"cannot fuse {[type(m).__name__ for m in mods]}")
-    from .kernels import release_file_pages
+    from .cpu_matmul import release_file_pages
 
     weight_t = torch.cat([m.weight.detach() for m in mods]).t().contiguous()  # [in, sum(out)]
     has_bias = any(m.bias is not None for m in mods)
@@ -114,7 +114,7 @@ def _single(parent: nn.Module, name: str):
 class _Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: object
+    qkv: object  # each linear: a callable (x, acc=None), the backend's
     o: object
     gate_up: object
     down: object
@@ -122,8 +122,107 @@ class _Layer:
     k_norm: torch.Tensor | None
 
 
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32 (Llama's)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+class TorchBackend:
+    """The step in PyTorch ops, every shape fixed by the cache's capacity (the attention spans the whole
+    buffer under a mask), so ``torch.compile`` or a CUDA graph can capture it; any dtype and device."""
+
+    name = "torch"
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, scaling: float, eps: float):
+        self.heads, self.kv_heads, self.head_dim, self.scaling, self.eps = heads, kv_heads, head_dim, scaling, eps
+
+    def linear(self, lin):
+        return lin
+
+    def frames(self, x, cos, sin):
+        """The hidden state and the rotary frames as the step computes with them."""
+        return x, cos, sin
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, w, self.eps)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        g, u = gu.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    def attend(self, qkv, kv, slots, lengths, cos, sin, layer: _Layer) -> torch.Tensor:
+        """Rotary, the new key and value written at their slots, attention over the buffer [B, H * D]."""
+        keys_buf, values_buf, sink_keys, sink_values = kv
+        b, h, kvh, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        g, ns, cap = h // kvh, sink_keys.shape[2], keys_buf.shape[2]
+        q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+        q, k, v = q.view(b, h, d), k.view(b, kvh, d), v.view(b, kvh, d)
+        if layer.q_norm is not None:
+            q, k = self.rms_norm(q, layer.q_norm), self.rms_norm(k, layer.k_norm)
+        k = _rope(k, cos[:, :1], sin[:, :1])
+        q_win = _rope(q, cos[:, :1], sin[:, :1]) * self.scaling
+        q_sink = _rope(q, cos[:, 1:], sin[:, 1:]) * self.scaling
+        rows = torch.arange(b, device=qkv.device)
+        keys_buf[rows, :, slots] = k.to(keys_buf.dtype)
+        values_buf[rows, :, slots] = v.to(values_buf.dtype)
+        if ns:  # a new token in a sink slot is also kept as computed
+            is_sink = (slots < ns)[:, None, None]
+            s = slots.clamp(max=ns - 1)
+            sink_keys[rows, :, s] = torch.where(is_sink, k, sink_keys[rows, :, s]).to(keys_buf.dtype)
+            sink_values[rows, :, s] = torch.where(is_sink, v, sink_values[rows, :, s]).to(keys_buf.dtype)
+        keys, values = keys_buf.to(q.dtype), values_buf.to(q.dtype)
+        scores = q_win.view(b, kvh, g, d) @ keys.transpose(-1, -2)  # [B, KV, G, cap]
+        if ns:
+            sink_scores = q_sink.view(b, kvh, g, d) @ sink_keys.to(q.dtype).transpose(-1, -2)
+            scores = torch.cat([sink_scores, scores[..., ns:]], dim=-1)
+        valid = torch.arange(cap, device=qkv.device)[None, :] < lengths[:, None]  # [B, cap]
+        scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
+        out = scores.softmax(-1).to(values.dtype) @ values  # [B, KV, G, D]
+        return out.reshape(b, h * d)
+
+
+class NativeBackend(TorchBackend):
+    """The step on sinkstream's CPU kernels (float32 models): packed int8/bf16 or float32 products and
+    one kernel for rotary + cache write + attention over only the filled slots. The kernels are resolved
+    once (``torch.ops`` lookups and module calls cost more than a small kernel), so a layer is a handful
+    of direct kernel calls."""
+
+    name = "native"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        ops = native.ops()
+        self._linear, self._rms = ops.packed_linear.default, ops.rms_norm.default
+        self._silu, self._attend = ops.silu_mul.default, ops.attend.default
+
+    def linear(self, lin):
+        """The kernel call for ``lin`` (a packed or a plain dense product); other layouts keep their module."""
+        if isinstance(lin, PackedLinear) and lin.packed:
+            op, w, scale, bias = self._linear, lin.weight, lin.scale, lin.bias
+            return lambda x, acc=None: op(x, w, scale, bias, acc)
+        if isinstance(lin, DenseLinear) and lin.bias is None:
+            w = lin.weight_t
+            return lambda x, acc=None: x @ w if acc is None else acc.addmm_(x, w)
+        return lin
+
+    def frames(self, x, cos, sin):
+        return x.float().contiguous(), cos.float().contiguous(), sin.float().contiguous()
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._rms(x, w, self.eps)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        return self._silu(gu)
+
+    def attend(self, qkv, kv, slots, lengths, cos, sin, layer: _Layer) -> torch.Tensor:
+        return self._attend(qkv, *kv, slots, lengths, cos, sin, self.heads, layer.q_norm, layer.k_norm, self.eps,
+                            self.scaling)  # fmt: skip
+
+
 class FusedDecoder:
-    """The one-token step of one model (build it once: ``for_model``)."""
+    """The one-token step of one model (build it once: ``for_model``), on one backend."""
 
     _built: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
@@ -155,72 +254,29 @@ class FusedDecoder:
             raise ValueError(reason)
         cfg = model.config
         self.model, self.backend = model, self._backend(model, backend)
-        self.native = self.backend == "native"
         inner = model.model
         first = inner.layers[0].self_attn
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim, self.scaling = first.head_dim, first.scaling
-        self.eps = cfg.rms_norm_eps
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, first.head_dim
+        shape = (cfg.num_attention_heads, self.kv_heads, self.head_dim, first.scaling, cfg.rms_norm_eps)
+        self.ops = NativeBackend(*shape) if self.backend == "native" else TorchBackend(*shape)
         self.layers = [self._layer(block) for block in inner.layers]
         self.final_norm = inner.norm.weight.detach()
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         self.lm_head = head if isinstance(head, PackedLinear) else DenseLinear(head.weight.detach().t(), None)
         self.rotary = inner.rotary_emb
-        self._compiled = None
-        self._native_plan = self._plan_native() if self.native else None
-
-    def _plan_native(self):
-        """Per layer, the kernels' arguments resolved once: a step is then ~8 kernel calls a layer with no
-        Python in between (resolving ``torch.ops`` names and module calls costs more than a small kernel)."""
-        ops = native.ops()
-        linear, dense = ops.packed_linear.default, torch.Tensor.addmm_
-
-        def call(lin):
-            if isinstance(lin, PackedLinear) and lin.packed:
-                return (linear, (lin.weight, lin.scale, lin.bias))
-            if isinstance(lin, DenseLinear) and lin.bias is None:
-                return (dense, (lin.weight_t,))
-            return None
-
-        plans = []
-        for layer in self.layers:
-            parts = [call(lin) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-            if any(p is None for p in parts):
-                return None  # a layout the plan does not cover (e.g. an unpacked or biased dense layer)
-            plans.append((layer.input_norm, layer.post_norm, *parts, layer.q_norm, layer.k_norm))
-        return ops.rms_norm.default, ops.silu_mul.default, ops.attend.default, plans
-
-    def _forward_native(self, ids, positions, slots, lengths, buffers) -> torch.Tensor:
-        rms, silu_mul, attend, plans = self._native_plan
-        eps, heads, scaling = self.eps, self.heads, self.scaling
-        x = self.embed(ids)
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        x = x.float().contiguous()
-
-        def apply(part, h, acc=None):
-            fn, args = part
-            if fn is torch.Tensor.addmm_:
-                return acc.addmm_(h, args[0]) if acc is not None else h @ args[0]
-            return fn(h, *args, acc)
-
-        for (n_in, n_post, qkv, o, gate_up, down, qn, kn), kv in zip(plans, buffers):
-            att = attend(apply(qkv, rms(x, n_in, eps)), *kv, slots, lengths, cos, sin, heads, qn, kn, eps, scaling)
-            apply(o, att, x)  # x += o(att)
-            apply(down, silu_mul(apply(gate_up, rms(x, n_post, eps))), x)
-        return self.lm_head(rms(x, self.final_norm, eps)).float()
+        self._run = self._forward  # or its compiled form (``compile``)
 
     def _layer(self, block) -> _Layer:
-        attn, mlp = block.self_attn, block.mlp
+        attn, mlp, lin = block.self_attn, block.mlp, self.ops.linear
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return _Layer(
             block.input_layernorm.weight.detach(),
             block.post_attention_layernorm.weight.detach(),
-            _fuse(attn, ["q_proj", "k_proj", "v_proj"]),
-            _single(attn, "o_proj"),
-            _fuse(mlp, ["gate_proj", "up_proj"]),
-            _single(mlp, "down_proj"),
+            lin(_fuse(attn, ["q_proj", "k_proj", "v_proj"])),
+            lin(_single(attn, "o_proj")),
+            lin(_fuse(mlp, ["gate_proj", "up_proj"])),
+            lin(_single(mlp, "down_proj")),
             None if qn is None else qn.weight.detach(),
             None if kn is None else kn.weight.detach(),
         )
@@ -240,93 +296,34 @@ class FusedDecoder:
         positions = torch.tensor([plan.positions, plan.sink_positions], device=device).t()  # [B, 2]
         slots = torch.tensor(plan.slots, device=device)
         lengths = torch.tensor(plan.lengths, device=device)
-        buffers = [(c.keys, c.values, c.sink_keys, c.sink_values) for c in cache.layers]
-        if self._compiled is not None:
-            for t in (t for layer in buffers for t in layer):
-                torch._dynamo.mark_static_address(t)  # written in place: CUDA graphs must not copy them
-            return self._compiled(ids, positions, slots, lengths, buffers)
-        if self._native_plan is not None:
-            return self._forward_native(ids, positions, slots, lengths, buffers)
-        return self._forward(ids, positions, slots, lengths, buffers)
+        return self._run(ids, positions, slots, lengths, cache.decode_buffers())
 
     def compile(self, **options) -> None:
         """Capture the step's tensor work with ``torch.compile(**options)`` (on CUDA,
         ``mode="reduce-overhead"`` records it as a CUDA graph). Every shape is fixed by the batch size and
         the cache's capacity; a new batch size compiles again. The torch backend only."""
-        if self.native:
+        if self.backend != "torch":
             raise ValueError("compile() is for the torch backend (the native one is compiled C++ already)")
-        self._compiled = torch.compile(self._forward, **options)
+        compiled = torch.compile(self._forward, **options)
+
+        def run(ids, positions, slots, lengths, buffers):
+            for t in (t for layer in buffers for t in layer):
+                torch._dynamo.mark_static_address(t)  # written in place: CUDA graphs must not copy them
+            return compiled(ids, positions, slots, lengths, buffers)
+
+        self._run = run
 
     def _forward(self, ids, positions, slots, lengths, buffers) -> torch.Tensor:
         """The step's tensor work: ids [B], positions [B, 2], slots [B], lengths [B], per-layer buffers."""
+        ops = self.ops
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, positions)  # [B, 2, rot]: the new token's frame, then the sinks'
-        if self.native:
-            cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        x = x.to(self.final_norm.dtype)
+        x, cos, sin = ops.frames(x.to(self.final_norm.dtype), cos, sin)
         for layer, kv in zip(self.layers, buffers):
-            h = self._norm(x, layer.input_norm)
-            qkv = layer.qkv(h)
-            att = self._attend(qkv, kv, slots, lengths, cos, sin, layer)
+            att = ops.attend(layer.qkv(ops.rms_norm(x, layer.input_norm)), kv, slots, lengths, cos, sin, layer)
             layer.o(att, acc=x)  # x += o(att)
-            h = self._norm(x, layer.post_norm)
-            layer.down(self._silu_mul(layer.gate_up(h)), acc=x)
-        return self.lm_head(self._norm(x, self.final_norm)).float()
-
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return native.ops().rms_norm(x, w, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * h.to(x.dtype)
-
-    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return native.ops().silu_mul(gu)
-        g, u = gu.chunk(2, dim=-1)
-        return torch.nn.functional.silu(g) * u
-
-    def _attend(self, qkv, kv, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
-        if self.native:
-            return native.ops().attend(
-                qkv, *kv, slots, lengths, cos, sin, self.heads, weights.q_norm, weights.k_norm, self.eps, self.scaling
-            )
-        return self._attend_torch(qkv, kv, slots, lengths, cos, sin, weights)
-
-    def _attend_torch(self, qkv, kv, slots, lengths, cos, sin, weights: _Layer) -> torch.Tensor:
-        """The same step in PyTorch ops, every shape fixed by the cache's capacity."""
-        keys_buf, values_buf, sink_keys, sink_values = kv
-        b, h, kvh, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
-        g, ns, cap = h // kvh, sink_keys.shape[2], keys_buf.shape[2]
-        q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-        q, k, v = q.view(b, h, d), k.view(b, kvh, d), v.view(b, kvh, d)
-        if weights.q_norm is not None:
-            q, k = self._head_norm(q, weights.q_norm), self._head_norm(k, weights.k_norm)
-        k = _rope(k, cos[:, :1], sin[:, :1])
-        q_win = _rope(q, cos[:, :1], sin[:, :1]) * self.scaling
-        q_sink = _rope(q, cos[:, 1:], sin[:, 1:]) * self.scaling
-        rows = torch.arange(b, device=qkv.device)
-        keys_buf[rows, :, slots] = k.to(keys_buf.dtype)
-        values_buf[rows, :, slots] = v.to(values_buf.dtype)
-        if ns:  # a new token in a sink slot is also kept as computed
-            is_sink = (slots < ns)[:, None, None]
-            s = slots.clamp(max=ns - 1)
-            sink_keys[rows, :, s] = torch.where(is_sink, k, sink_keys[rows, :, s]).to(keys_buf.dtype)
-            sink_values[rows, :, s] = torch.where(is_sink, v, sink_values[rows, :, s]).to(keys_buf.dtype)
-        keys, values = keys_buf.to(q.dtype), values_buf.to(q.dtype)
-        scores = q_win.view(b, kvh, g, d) @ keys.transpose(-1, -2)  # [B, KV, G, cap]
-        if ns:
-            sink_scores = q_sink.view(b, kvh, g, d) @ sink_keys.to(q.dtype).transpose(-1, -2)
-            scores = torch.cat([sink_scores, scores[..., ns:]], dim=-1)
-        valid = torch.arange(cap, device=qkv.device)[None, :] < lengths[:, None]  # [B, cap]
-        scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
-        out = scores.softmax(-1).to(values.dtype) @ values  # [B, KV, G, D]
-        return out.reshape(b, h * d)
-
-    def _head_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * h.to(x.dtype)
+            layer.down(ops.silu_mul(layer.gate_up(ops.rms_norm(x, layer.post_norm))), acc=x)
+        return self.lm_head(ops.rms_norm(x, self.final_norm)).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

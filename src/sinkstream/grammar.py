@@ -22,9 +22,11 @@ from collections.abc import Iterable
 
 import torch
 
+from .extras import need
+
 with warnings.catch_warnings():  # xgrammar warns at import about optional GPU kernels it does not need here
     warnings.simplefilter("ignore")
-    import xgrammar as xgr
+    xgr = need("xgrammar", "grammar")
 
 
 class GrammarError(ValueError):

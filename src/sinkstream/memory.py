@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import resource
 
+from .extras import need
+
 
 def rss_mb() -> float:
     """Resident set size of this process now, in MiB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+    return need("psutil", "eval").Process().memory_info().rss / 2**20
 
 
 def peak_rss_mb() -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_root
 from .positions import check_supported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,10 +21,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(ValueError):
     """The model could not be found or read; the message says how to fix it."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SINKSTREAM_CACHE", Path.home() / ".cache" / "sinkstream"))
 
 
 def _package_dir(package: str) -> Path | None:
@@ -210,13 +207,25 @@ def load_model(
     where sinkstream's kernels build and float32 elsewhere; ``float32``, ``bfloat16``, ``int8``.
 
     ``decode_layout`` (default: on for CPU, float32 weights) stores linear weights transposed in memory,
-    which makes one-token decode steps faster on CPU (``kernels.decode_layout``); ``save_pretrained``
-    then needs ``kernels.standard_layout(model)`` first (``export_model`` needs nothing).
+    which makes one-token decode steps faster on CPU (``cpu_matmul.decode_layout``); ``save_pretrained``
+    then needs ``cpu_matmul.standard_layout(model)`` first (``export_model`` needs nothing).
+
+    The steps: the attention implementation registered, the checkpoint read (a GGUF file through its
+    float32 conversion), the model checked and given its attention, then its weights laid out.
     """
     from .quant import resolve_format
 
     torch_dtype = parse_dtype(dtype)
     fmt = resolve_format(weights, device, torch_dtype)
+    register_attention(attn_implementation)
+    model, tokenizer = read_checkpoint(*resolve(name_or_path), torch_dtype, attn_implementation)
+    model = with_attention(model, attn_implementation).to(device).eval()
+    lay_out_weights(model, fmt, weights == "auto", device, decode_layout)
+    return model, tokenizer
+
+
+def register_attention(attn_implementation: str | None) -> None:
+    """Make sinkstream's attention implementations known to transformers, where one is asked for."""
     if attn_implementation == "sinkstream":
         from .attention import register
 
@@ -225,33 +234,31 @@ def load_model(
         from .attention import register_zero
 
         register_zero()
-    folder, gguf = resolve(name_or_path)
-    if gguf:
-        converted = _converted_dir(folder, gguf)
-        if not (converted / "config.json").is_file():
-            model, tokenizer = _load(folder, gguf, torch.float32, None)
-            try:
-                export_model(model, tokenizer, converted)
-            except OSError as e:  # a read-only home is not fatal: load from GGUF each time
-                logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
-                if attn_implementation:
-                    model.set_attn_implementation(attn_implementation)
-                return _finish(
-                    model.to(torch_dtype),
-                    tokenizer,
-                    device,
-                    attn_implementation,
-                    decode_layout,
-                    (fmt, weights == "auto"),
-                )
-        folder, gguf = converted, None
-    model, tokenizer = _load(folder, gguf, torch_dtype, attn_implementation)
-    return _finish(model, tokenizer, device, attn_implementation, decode_layout, (fmt, weights == "auto"))
 
 
-def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=None, fmt=("float32", False)):
+def read_checkpoint(folder: Path, gguf: str | None, torch_dtype, attn_implementation):
+    """(model, tokenizer) from a folder, or from a GGUF file through its float32 conversion, made once
+    and kept (a read-only cache is not fatal: the file is then converted each time)."""
+    if gguf is None:
+        return _load(folder, None, torch_dtype, attn_implementation)
+    converted = _converted_dir(folder, gguf)
+    if not (converted / "config.json").is_file():
+        model, tokenizer = _load(folder, gguf, torch.float32, None)
+        try:
+            export_model(model, tokenizer, converted)
+        except OSError as e:
+            logging.getLogger(__name__).warning("could not keep the converted model in %s: %s", converted, e)
+            if attn_implementation:
+                model.set_attn_implementation(attn_implementation)
+            return model.to(torch_dtype), tokenizer
+    return _load(converted, None, torch_dtype, attn_implementation)
+
+
+def with_attention(model, attn_implementation: str | None):
+    """The model checked (a supported family; a zero-sink model with its own attention) and given
+    sinkstream's default attention when none was asked for."""
     check_supported(model.config)
-    from .attention import ZERO_EAGER, ZERO_NAME, sink_mode
+    from .attention import ZERO_EAGER, ZERO_NAME, default_attention, sink_mode
 
     if sink_mode(model.config) == "zero" and attn_implementation not in (None, ZERO_NAME, ZERO_EAGER):
         raise ValueError(
@@ -259,15 +266,17 @@ def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=No
             f"attention '{attn_implementation}' would compute another model: leave --attn out"
         )
     if attn_implementation is None:  # SDPA, with direct one-query decode steps (see attention.py)
-        from .attention import default_attention
-
         name = default_attention(model)
         if name:
             model.set_attn_implementation(name)
-    model = model.to(device).eval()
-    from . import kernels
+    return model
 
-    fmt, auto = fmt
+
+def lay_out_weights(model, fmt: str, auto: bool, device: str, decode_layout: bool | None) -> None:
+    """Store the linear weights as ``fmt`` (packed int8 or bf16 where the fused step runs; ``auto``:
+    float32 where it cannot), else float32 in the decode layout where that is faster."""
+    from . import cpu_matmul
+
     if fmt != "float32":
         from .fused import unsupported_reason
         from .quant import quantize_model
@@ -277,10 +286,9 @@ def _finish(model, tokenizer, device, attn_implementation=None, decode_layout=No
             raise ValueError(f"--weights {fmt} is not available for this model: {reason}")
         if not reason:
             quantize_model(model, fmt)
-            return model, tokenizer
-    if kernels.decode_layout_wanted(device) if decode_layout is None else decode_layout:
-        kernels.decode_layout(model)
-    return model, tokenizer
+            return
+    if cpu_matmul.decode_layout_wanted(device) if decode_layout is None else decode_layout:
+        cpu_matmul.decode_layout(model)
 
 
 def _load(folder: Path, gguf: str | None, torch_dtype, attn_implementation):

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval.ppl import perplexity
+from .extras import need
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    need("matplotlib", "eval").use("Agg")
+    return need("matplotlib.pyplot", "eval")
 
 
 def _save(plt, fig, path, dpi: int = 120) -> None:
@@ -239,16 +235,13 @@ def plot_sweep(result: dict, sinks, caches, path, title: str) -> None:
     _save(plt, fig, path)
 
 
-def plot_stability(result: dict, path, title: str) -> None:
-    """Left: PPL against tokens seen (log x) with book starts marked. Right: in-stream vs alone per book."""
+def plot_stability(curve: tuple[list, list], result: dict, path, title: str) -> None:
+    """Left: PPL against tokens seen (``curve``: bin centres and their perplexities, log x) with book starts
+    marked. Right: in-stream vs alone per book."""
     plt = _pyplot()
 
-    nll = result["nll"]["stream"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    edges = np.unique(np.geomspace(64, len(nll), num=60).astype(int))
-    xs = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-    ys = [perplexity(nll[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-    ax.plot(xs, ys, marker=".", label="long stream")
+    ax.plot(*curve, marker=".", label="long stream")
     for r in result["books"][1:]:
         ax.axvline(r["first_token"], color="grey", linestyle=":", linewidth=0.8)
     ax.set_xscale("log")

@@ -211,7 +211,7 @@ def quantize_model(model, fmt: str) -> int:
     input embedding reads the quantized lm_head. Returns how many layers were replaced."""
     if fmt == "float32":
         return 0
-    from .kernels import release_file_pages
+    from .cpu_matmul import release_file_pages
 
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()

@@ -13,7 +13,7 @@ The paper (sec. 3.3) pre-trains the same model three ways and streams each with 
 Same architecture (a Llama-style decoder), tokenizer, data order, seed and token budget for the three.
 The tokenizer is a byte-level BPE trained on the training text (the held-out book excluded), kept
 under ``$SINKSTREAM_CACHE/train``. Checkpoints are Hugging Face folders (``OUT/checkpoint``, resumable,
-and ``OUT/final``); ``OUT/train_log.jsonl`` has the losses and ``OUT/loss.png`` plots them.
+and ``OUT/final``); ``OUT/train_log.jsonl`` has the losses (``sinkstream train`` plots them in ``OUT/loss.png``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .paths import cache_root
 
 SINK_MODES = ("vanilla", "learnable", "zero")
 SINK_TOKEN, EOT = "<|sink|>", "<|endoftext|>"
@@ -218,7 +220,7 @@ def held_out_loss(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, window
 def held_out_sink(model, ids: np.ndarray, cfg: TrainConfig, sink_id: int, windows: int = 4) -> dict:
     """Is there a sink yet? Per layer, over ``windows`` held-out windows: the attention mass on the first
     token (mean over heads and queries) and the strongest head's mass on it from the late queries."""
-    from .eval.attn import attention_maps, first_token_mass, sink_head_mass
+    from .attention_maps import attention_maps, first_token_mass, sink_head_mass
 
     was = model.training
     model.eval()
@@ -265,11 +267,6 @@ def train(
     eval_source: str | None = None,
 ) -> dict:
     """Train; returns the summary (also written to ``out/summary.json``)."""
-    from tqdm import tqdm
-
-    from .kernels import fast_cpu_matmul
-    from .models import cache_root
-
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(train_text, cfg.vocab, cache_root() / "train", sink_first=cfg.sink_mode == "learnable")
@@ -284,20 +281,36 @@ def train(
     model, opt, start = _start(cfg, tokenizer, ckpt if resume else None)
     if not start and log_path.exists():
         log_path.unlink()
-    get = batches(train_ids, cfg, sink_id)
     params = sum(p.numel() for p in model.parameters())
     meta = {"parameters": params, "train_tokens": len(train_ids), "eval_tokens": len(eval_ids)}
     (out / "train_config.json").write_text(json.dumps(asdict(cfg) | meta | {"eval_source": eval_source}, indent=2))
-    t0, tokens, ema, first_loss = time.perf_counter(), 0, None, None
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        disable=not progress,
-        desc=f"train {cfg.sink_mode}",
-        unit="step",
-    )
-    with fast_cpu_matmul(), open(log_path, "a") as logf:
+    t0 = time.perf_counter()
+    tokens, first_loss = _steps(model, opt, tokenizer, cfg, start, (train_ids, eval_ids, sink_id), out, progress)
+    seconds = time.perf_counter() - t0
+    _save(model, tokenizer, None, cfg.steps, cfg, out / "final")
+    rows = log_rows(out)
+    summary = _summary(cfg, rows, params, tokens, seconds, first_loss, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def log_rows(out: Path) -> list[dict]:
+    """The rows of a run's ``train_log.jsonl`` (one per step)."""
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _steps(model, opt, tokenizer, cfg: TrainConfig, start: int, data, out: Path, progress: bool):
+    """The training steps from ``start``: each logged, the held-out loss and sink measured every
+    ``eval_every``, a checkpoint every ``save_every``. Returns (tokens trained, the first loss)."""
+    from tqdm import tqdm
+
+    from .cpu_matmul import fast_cpu_matmul
+
+    train_ids, eval_ids, sink_id = data
+    get, t0, tokens, ema, first_loss = batches(train_ids, cfg, sink_id), time.perf_counter(), 0, None, None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc=f"train {cfg.sink_mode}", unit="step")  # fmt: skip
+    with fast_cpu_matmul(), open(out / "train_log.jsonl", "a") as logf:
         for step in bar:
             lr, x = lr_at(step, cfg), get(step)
             value, norm = _step(model, opt, x, lr, cfg.clip)
@@ -312,16 +325,8 @@ def train(
             bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 logf.flush()
-                _save(model, tokenizer, opt, step + 1, cfg, ckpt)
-    seconds = time.perf_counter() - t0
-    _save(model, tokenizer, None, cfg.steps, cfg, out / "final")
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    summary = _summary(cfg, rows, params, tokens, seconds, first_loss, out)
-    from .plots import plot_losses
-
-    plot_losses(rows, out / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}", cfg.seq)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+                _save(model, tokenizer, opt, step + 1, cfg, out / "checkpoint")
+    return tokens, first_loss
 
 
 def _start(cfg: TrainConfig, tokenizer, ckpt: Path | None):

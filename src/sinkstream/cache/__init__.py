@@ -1,6 +1,7 @@
 """SinkCache: attention sinks + a rolling window, as a transformers ``Cache``.
 
-Three layer layouts, one per kind of attention layer (all preallocated once, per batch row):
+One layout object per kind of attention layer (``layouts``), each owning its rows' counters, their
+arithmetic and the buffers of all its layers (all preallocated once, per batch row):
 
 ``rope``     full-attention RoPE layers (``n_sink + window`` slots)
              slots [0, n_sink): the sink keys, re-positioned just before the oldest window key;
@@ -29,25 +30,24 @@ Batches. Every row of a batch has its own counters: rows may hold streams of dif
 different lengths must feed one token per row and pass ``cache.position_ids()`` and
 ``cache.attention_mask()``; the engine does.
 
-The bookkeeping of a layer kind (``LayoutCounters``) is advanced once per forward, by the first layer of that
-kind; the other layers reuse its plan, so per-layer Python work is a few tensor writes.
+A layout advances its rows once per forward, when its first layer writes; its other layers follow the
+same plan, so per-layer Python work is a few tensor writes.
 """
 
-from .counters import DecodeStep, ForwardPlan, LayoutCounters, Row
 from .exact import ExactLayer, ExactStream
-from .layers import AlibiLayer, RingLayer, SinkLayer, SlidingLayer
-from .sink_cache import SinkCache
+from .layouts import AlibiLayout, DecodeStep, ForwardPlan, Layout, RingLayout, Row, SlidingLayout
+from .sink_cache import SinkCache, SinkLayer
 
 __all__ = [
-    "AlibiLayer",
+    "AlibiLayout",
     "DecodeStep",
     "ExactLayer",
     "ExactStream",
     "ForwardPlan",
-    "LayoutCounters",
-    "RingLayer",
+    "Layout",
+    "RingLayout",
     "Row",
     "SinkCache",
     "SinkLayer",
-    "SlidingLayer",
+    "SlidingLayout",
 ]

@@ -1,7 +1,9 @@
 """The ``sinkstream`` command: one module per command, each with its options (``add_parser``), their
 checks (``validate``) and its run (``run``); ``options`` holds what they share.
 
-Bad input is a ``UsageError``: one ``sinkstream: error: ...`` line and exit code 2.
+Bad input is a ``UsageError``, and a command whose optional packages are missing a ``MissingExtra``:
+one ``sinkstream: error: ...`` line (for the latter, the ``pip install 'sinkstream[…]'`` to run) and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from .. import __version__
+from ..extras import MissingExtra
 from . import attn, bench, chat, export, generate, serve, train
 from . import eval as evaluate
 from .options import Parser, UsageError
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         command = COMMANDS[args.command]
         command.validate(args)
         return command.run(args)
-    except UsageError as e:
+    except (UsageError, MissingExtra) as e:
         print(f"sinkstream: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

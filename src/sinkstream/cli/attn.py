@@ -37,7 +37,7 @@ def validate(args) -> None:
 def run(args) -> int:
     import torch
 
-    from ..eval.attn import attention_maps, first_token_mass
+    from ..attention_maps import attention_maps, first_token_mass
     from ..plots import plot_first_token, plot_maps
 
     model, tok = load_model_for(args)

@@ -82,12 +82,6 @@ def validate(args) -> None:
 def run(args) -> int:
     import torch
 
-    from ..benchmark import (
-        DENSE_CHECKPOINTS,
-        checkpoints_for,
-        run_checkpoints,
-        run_recompute,
-    )
     from ..engine import Engine
     from ..plots import plot_decode as plot
 
@@ -100,32 +94,32 @@ def run(args) -> int:
     ids, source = text_ids(args, tok, need)
     if len(ids) < need:
         raise UsageError(f"the text has {len(ids)} tokens, fewer than the {need} this run needs")
-    progress = not args.no_progress
     name = model_name(args)
-    result = {
-        "command": "bench decode",
-        "model": name,
-        "text": source,
-        "dtype": args.dtype,
-        "device": args.device,
-        "weights": getattr(model.config, "sinkstream_weights", "float32"),
-        "decode": args.decode,
-        "threads": torch.get_num_threads(),
-        "cache": f"{args.sink}+{args.window}",
-        "measured_steps": args.measure,
-    }
+    result = {"command": "bench decode", "model": name, "text": source, "dtype": args.dtype, "device": args.device,
+              "weights": getattr(model.config, "sinkstream_weights", "float32"), "decode": args.decode,
+              "threads": torch.get_num_threads(), "cache": f"{args.sink}+{args.window}",
+              "measured_steps": args.measure}  # fmt: skip
     try:
-        engine = Engine(
-            model,
-            tok,
-            n_sink=args.sink,
-            window=args.window,
-            decode=args.decode,
-            kv_dtype=kv_dtype(args),
-        )
+        engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=kv_dtype(args))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    result |= _streaming(engine, ids, args.tokens, args.measure, progress)
+    result |= _streaming(engine, ids, args.tokens, args.measure, not args.no_progress)
+    result |= _compared(args, model, tok, ids, dense_to, max_pos)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out / "decode.png", f"{name} · {args.dtype} · {result['threads']} threads")
+    (out / "decode.json").write_text(json.dumps(result, indent=2))
+    if not args.json:
+        _report(result, f"{args.sink}+{args.window}")
+    return finish(result, out, args)
+
+
+def _compared(args, model, tok, ids: list[int], dense_to: int, max_pos: int | None) -> dict:
+    """The baselines ``--compare`` asks for: recomputing the window, a dense cache."""
+    from ..benchmark import DENSE_CHECKPOINTS, checkpoints_for, run_checkpoints, run_recompute
+    from ..engine import Engine
+
+    result, progress = {}, not args.no_progress
     if "recompute" in args.compare_list:
         rows = run_recompute(model, tok, ids, args.caches, args.sink, args.measure, args.reps, progress)
         result["recompute"] = rows
@@ -135,13 +129,7 @@ def run(args) -> int:
         dense_points = checkpoints_for(dense_to, DENSE_CHECKPOINTS)
         result["dense"] = run_checkpoints(dense, ids, dense_points, args.measure, progress, desc="dense")
         result["dense_max_positions"] = max_pos
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(result, out / "decode.png", f"{name} · {args.dtype} · {result['threads']} threads")
-    (out / "decode.json").write_text(json.dumps(result, indent=2))
-    if not args.json:
-        _report(result, f"{args.sink}+{args.window}")
-    return finish(result, out, args)
+    return result
 
 
 def _tokens_needed(args, dense_to: int) -> int:

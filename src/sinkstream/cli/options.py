@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..extras import need
 from ..fused import DECODE_MODES
 from ..models import DEFAULT_MODEL
 from ..quant import WEIGHT_FORMATS
@@ -176,7 +177,10 @@ def sampling_params(args):
 
 
 def read_json_schema(args) -> dict | None:
-    """The --json-schema file's schema (None without the option)."""
+    """The --json-schema file's schema (None without the option). Either option needs the grammar extra,
+    checked here, before the model loads."""
+    if getattr(args, "json_schema", None) or getattr(args, "json_object", False):
+        need("xgrammar", "grammar")
     if not getattr(args, "json_schema", None):
         return None
     try:

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..extras import need
 from .options import UsageError, add_model_and_cache, check_cache_options, model_name
 
 DEFAULT_STATE = "~/.local/state/sinkstream"
@@ -22,64 +23,24 @@ def add_parser(sub) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health and the page "
         "(default: env SINKSTREAM_API_KEY; none: open)",
     )
-    s.add_argument(
-        "--state-dir",
-        default=None,
-        help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})",
-    )
-    s.add_argument(
-        "--store",
-        default=None,
-        metavar="URL",
-        help="sessions' records in this PostgreSQL database (postgresql://…; default: SQLite in --state-dir)",
-    )
-    s.add_argument(
-        "--snapshot-dir",
-        default=None,
-        help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
-    )
-    s.add_argument("--replica-id", default=None, help="this server's name in x-sinkstream-replica (default host:pid)")
-    c = s.add_argument_group("scale-out on Ray Serve (pip install 'sinkstream[cluster]')")
-    c.add_argument("--replicas", type=int, default=None, help="serve N replicas on Ray Serve (needs --store)")
-    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
-    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
-    s.add_argument(
-        "--max-sessions",
-        type=int,
-        default=16,
-        help="idle sessions kept in memory; the others wait on disk (default 16)",
-    )
-    s.add_argument(
-        "--max-request-tokens", type=int, default=1_000_000, help="tokens one request may feed (default 1000000)"
-    )
-    s.add_argument(
-        "--max-completion-tokens",
-        type=int,
-        default=16_384,
-        help="largest max_tokens a request may ask for (default 16384)",
-    )
-    s.add_argument(
-        "--default-max-tokens",
-        type=int,
-        default=None,
-        help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)",
-    )
-    s.add_argument(
-        "--session-wait",
-        type=float,
-        default=0.0,
-        help="seconds a request for a busy session waits its turn (default 0: refused at once with 409)",
-    )
-    s.add_argument("--session-queue", type=int, default=8, help="requests that may wait for one session (default 8)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_names(s.add_argument_group("the model's names and the clients it serves"))
+    _add_store(s.add_argument_group("sessions and their store"))
+    _add_limits(s.add_argument_group("limits"))
     k = s.add_argument_group("kept turns: any client's resent history resumes instead of being fed again")
     k.add_argument(
         "--keep-turns", type=int, default=4, help="turns kept per conversation for regenerate and edit (default 4)"
     )
     k.add_argument("--turns-disk-mb", type=float, default=8192, help="disk all kept turns may take (default 8192)")
     k.add_argument("--turns-memory-mb", type=float, default=1024, help="kept turns also held in memory (default 1024)")
-    s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
-    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
-    s.add_argument(
+    c = s.add_argument_group("scale-out on Ray Serve (pip install 'sinkstream[cluster]')")
+    c.add_argument("--replicas", type=int, default=None, help="serve N replicas on Ray Serve (needs --store)")
+    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+
+
+def _add_names(g) -> None:
+    g.add_argument(
         "--served-model-name",
         nargs="+",
         default=None,
@@ -87,28 +48,82 @@ def add_parser(sub) -> None:
         help="the model's names in the API, the first one primary (default: --model, or smollm2-135m); "
         "a request for another name gets 404 unless --accept-any-model",
     )
-    s.add_argument(
+    g.add_argument(
         "--accept-any-model",
         action="store_true",
         help="answer requests for any model name with this model (clients with a hard-coded name, e.g. gpt-4o-mini)",
     )
-    s.add_argument(
+    g.add_argument(
         "--cors-origins",
         nargs="+",
         default=None,
         metavar="ORIGIN",
         help="let web pages from these origins call the API (e.g. http://localhost:3000; '*' for any); default: none",
     )
-    s.add_argument(
+
+
+def _add_store(g) -> None:
+    g.add_argument(
+        "--state-dir",
+        default=None,
+        help=f"sessions database and cache snapshots (default $SINKSTREAM_STATE or {DEFAULT_STATE})",
+    )
+    g.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="sessions' records in this PostgreSQL database (postgresql://…; default: SQLite in --state-dir)",
+    )
+    g.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="cache snapshots here (default: --state-dir/caches); replicas sharing a --store need one they all see",
+    )
+    g.add_argument("--replica-id", default=None, help="this server's name in x-sinkstream-replica (default host:pid)")
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        default=16,
+        help="idle sessions kept in memory; the others wait on disk (default 16)",
+    )
+    g.add_argument(
+        "--session-wait",
+        type=float,
+        default=0.0,
+        help="seconds a request for a busy session waits its turn (default 0: refused at once with 409)",
+    )
+    g.add_argument("--session-queue", type=int, default=8, help="requests that may wait for one session (default 8)")
+
+
+def _add_limits(g) -> None:
+    g.add_argument(
+        "--max-request-tokens", type=int, default=1_000_000, help="tokens one request may feed (default 1000000)"
+    )
+    g.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        default=16_384,
+        help="largest max_tokens a request may ask for (default 16384)",
+    )
+    g.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens of a chat request that sets none (default 1024, at most --max-completion-tokens)",
+    )
+    g.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
+    g.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16; 1: one at a time)")
+    g.add_argument(
         "--max-queue",
         type=int,
         default=64,
         help="requests that may wait for a place in the batch; more get 429 with Retry-After (default 64)",
     )
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def validate(args) -> None:
+    for module in ("fastapi", "uvicorn", "prometheus_client", "xgrammar"):
+        need(module, "server")
     check_cache_options(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -179,28 +194,15 @@ def _check_store(args) -> None:
         raise UsageError(f"cannot open --store: {str(e).strip().splitlines()[0][:300]}") from None
 
 
-def build_app(args, replica_id: str | None = None):
-    """The server's app for these options: the model loaded, the config filled in (also what each
-    replica of a scaled-out server runs)."""
-    import torch
+def server_config(args):
+    """The server's configuration from these options (names, limits, cache, store, kept turns)."""
+    from ..server.app import ServerConfig
 
-    from ..models import load_model
-    from ..server.app import ServerConfig, create_app
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer = load_model(
-            args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn, weights=args.weights
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     names = args.served_model_name or [
         Path(args.model).name if args.model and os.path.exists(args.model) else model_name(args)
     ]
-    name = names[0]
-    config = ServerConfig(
-        model_name=name,
+    return ServerConfig(
+        model_name=names[0],
         aliases=tuple(names[1:]),
         accept_any_model=args.accept_any_model,
         cors_origins=tuple(args.cors_origins or ()),
@@ -210,7 +212,7 @@ def build_app(args, replica_id: str | None = None):
         state_dir=args.state_dir,
         store_url=args.store,
         snapshot_dir=args.snapshot_dir,
-        replica_id=replica_id or args.replica_id,
+        replica_id=args.replica_id,
         api_key=args.api_key,
         max_sessions=args.max_sessions,
         session_wait_s=args.session_wait,
@@ -226,17 +228,31 @@ def build_app(args, replica_id: str | None = None):
         turns_disk_mb=args.turns_disk_mb,
         turns_memory_mb=args.turns_memory_mb,
     )
-    return create_app(model, tokenizer, config), name
+
+
+def model_spec(args):
+    from ..server.app import ModelSpec
+
+    return ModelSpec(args.model, dtype=args.dtype, device=args.device, attn=args.attn, weights=args.weights,
+                     threads=args.threads)  # fmt: skip
 
 
 def run(args) -> int:
     import uvicorn
 
+    from ..server.app import build_app
+
+    spec, config = model_spec(args), server_config(args)
     if args.replicas:
         from ..server import cluster
 
-        return cluster.run(args)
-    app, name = build_app(args)
+        options = cluster.ClusterOptions(args.replicas, args.replica_cpus, args.ray_address, args.host, args.port)
+        return cluster.run(spec, config, options)
+    try:
+        app = build_app(spec, config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    name = config.model_name
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     server = uvicorn.Server(

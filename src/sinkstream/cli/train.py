@@ -90,7 +90,7 @@ def _texts(args) -> tuple[str, str]:
 def run(args) -> int:
     import torch
 
-    from ..train import train
+    from ..train import log_rows, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,5 +108,10 @@ def run(args) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from ..plots import plot_losses
+
+    cfg = args.train_config
+    plot_losses(log_rows(Path(args.out)), Path(args.out) / "loss.png", f"sinkstream train --sink-mode {cfg.sink_mode}",
+                cfg.seq)  # fmt: skip
     print(json.dumps(summary), flush=True)
     return 0

@@ -1,1 +1,2 @@
-"""Evaluation helpers (data fetching; perplexity and friends arrive with the evaluation issue)."""
+"""Evaluations: data (Gutenberg, MT-Bench), exact chunked streaming, perplexity, the sweep, stability,
+StreamEval, the endless chat and the sink grid. Each computes; the commands write and plot."""

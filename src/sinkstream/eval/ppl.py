@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache import SinkCache
-from ..kernels import fast_cpu_matmul
+from ..cpu_matmul import fast_cpu_matmul
 from .exact import exact_stream_logits, supports_exact
 
 METHODS = ("streaming", "dense", "recompute")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attn import attention_maps, first_token_mass, sink_head_mass
+from ..attention_maps import attention_maps, first_token_mass, sink_head_mass
 from .ppl import perplexity, recompute_nll, run_method
 
 MODES = ("vanilla", "zero", "learnable")

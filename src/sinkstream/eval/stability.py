@@ -14,6 +14,13 @@ import torch
 from .ppl import perplexity, streaming_nll
 
 
+def ppl_curve(nll: np.ndarray, bins: int = 60) -> tuple[list[float], list[float]]:
+    """Perplexity against tokens seen, in log-spaced bins: (bin centres, perplexities)."""
+    edges = np.unique(np.geomspace(64, len(nll), num=bins).astype(int))
+    xs = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    return xs, [perplexity(nll[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
 def book_ids(tok, books: list[tuple[str, str]], max_tokens: int) -> list[tuple[str, list[int]]]:
     """Each ``(name, text)`` tokenized alone, in order, until ``max_tokens`` (the last one cut)."""
     out, total = [], 0

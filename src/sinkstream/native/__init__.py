@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_root
+
 SOURCE = Path(__file__).with_name("decode.cpp")
 _state: dict = {}
 log = logging.getLogger(__name__)
@@ -71,7 +73,6 @@ def _command(cxx: str, out: Path) -> list[str]:
 
 
 def _build_dir(cxx: str) -> Path:
-    from ..models import cache_root
 
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), cxx.encode(), _cpu_flags().encode()):

@@ -576,8 +576,6 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor K, at::Tensor V, at::Tensor 
   return out;
 }
 
-int64_t simd_width() { return SS_AVX2 ? 8 : 1; }
-
 }  // namespace
 
 TORCH_LIBRARY(sinkstream, m) {
@@ -587,7 +585,6 @@ TORCH_LIBRARY(sinkstream, m) {
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("attend(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor(c!) Ks, Tensor(d!) Vs, Tensor slots, Tensor lengths, "
         "Tensor cos, Tensor sin, int H, Tensor? q_norm, Tensor? k_norm, float norm_eps, float scale) -> Tensor");
-  m.def("simd_width() -> int");
 }
 
 TORCH_LIBRARY_IMPL(sinkstream, CPU, m) {
@@ -597,5 +594,3 @@ TORCH_LIBRARY_IMPL(sinkstream, CPU, m) {
   m.impl("silu_mul", silu_mul);
   m.impl("attend", attend);
 }
-
-TORCH_LIBRARY_IMPL(sinkstream, CompositeExplicitAutograd, m) { m.impl("simd_width", simd_width); }

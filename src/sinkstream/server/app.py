@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from ..grammar import Grammars
+from ..models import load_model
 from . import openapi
 from .conversations import ConversationsServing
 from .errors import install_error_handlers
@@ -107,6 +109,30 @@ class ServerConfig:
         parts = (self.model_name, model_config.to_json_string(use_diff=False), template, self.n_sink, self.window,
                  self.kv_dtype)  # fmt: skip
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a server loads and how: what each replica of a scaled-out server loads again."""
+
+    name_or_path: str | None = None  # None: the embedded default
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn: str | None = None
+    weights: str = "auto"
+    threads: int | None = None
+
+    def load(self):
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return load_model(self.name_or_path, dtype=self.dtype, device=self.device, attn_implementation=self.attn,
+                          weights=self.weights)  # fmt: skip
+
+
+def build_app(spec: ModelSpec, config: ServerConfig) -> FastAPI:
+    """The server's app: the model loaded, then ``create_app``."""
+    model, tokenizer = spec.load()
+    return create_app(model, tokenizer, config)
 
 
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,6 +34,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from . import history
+from .app import ModelSpec, ServerConfig, build_app
 
 SESSION_HEADER = "x-session-id"
 ROUTER_CPUS = 0.05
@@ -80,15 +82,22 @@ def _response_messages(data: dict) -> list[dict]:
     return head + [m for m in first if isinstance(m, dict) and m.get("role")]
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    replicas: int
+    replica_cpus: float = 1.0
+    ray_address: str | None = None  # an existing Ray cluster (None: start a local Ray)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
 class ModelReplica:
     """One replica: the single server's app, with its lifespan (the worker thread) started here."""
 
-    async def __init__(self, args):
-        from ..cli.serve import build_app
-
+    async def __init__(self, spec: ModelSpec, config: ServerConfig):
         context = serve.get_replica_context()
         self.replica_id = f"{context.replica_id.unique_id}:{os.getpid()}"
-        self.app, _ = build_app(args, replica_id=self.replica_id)
+        self.app = build_app(spec, replace(config, replica_id=self.replica_id))
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()
 
@@ -175,40 +184,40 @@ class SessionRouter:
         return router_app(self.replicas)
 
 
-def application(args):
-    """The Serve application for these ``sinkstream serve`` options."""
+def application(spec: ModelSpec, config: ServerConfig, options: ClusterOptions):
+    """The Serve application: ``options.replicas`` replicas of this model and configuration, and the router."""
     replica = serve.deployment(
         ModelReplica,
-        num_replicas=args.replicas,
-        ray_actor_options={"num_cpus": args.replica_cpus},
+        num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.replica_cpus},
         request_router_config=AFFINITY,
-        max_ongoing_requests=max(16, 2 * args.max_batch),
+        max_ongoing_requests=max(16, 2 * config.max_batch),
         health_check_period_s=2,
         health_check_timeout_s=10,
         graceful_shutdown_timeout_s=10,
     )
     router = serve.deployment(SessionRouter, ray_actor_options={"num_cpus": ROUTER_CPUS}, max_ongoing_requests=1000)
-    return router.bind(replica.bind(args))
+    return router.bind(replica.bind(spec, config))
 
 
-def local_resources(args) -> dict:
+def local_resources(options: ClusterOptions) -> dict:
     """A local Ray's CPUs: the machine's, or enough for every replica, a replacement and the router
     (``serve.run`` waits without a limit for CPUs that are not there). An existing cluster has its own."""
-    if args.ray_address:
+    if options.ray_address:
         return {}
-    needed = (args.replicas + 1) * args.replica_cpus + ROUTER_CPUS
+    needed = (options.replicas + 1) * options.replica_cpus + ROUTER_CPUS
     return {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}
 
 
-def run(args) -> int:
+def run(spec: ModelSpec, config: ServerConfig, options: ClusterOptions) -> int:
     """Start (or join) Ray, deploy, serve until SIGINT/SIGTERM, then shut the application down."""
     import ray
 
     os.environ.setdefault("RAY_SERVE_SESSION_ID_HEADER_KEY", SESSION_HEADER)  # read once, before Ray starts
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False, **local_resources(args))
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application(args), name=APP, route_prefix="/")
-    print(f"sinkstream serve: {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}",
+    ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False, **local_resources(options))
+    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.run(application(spec, config, options), name=APP, route_prefix="/")
+    print(f"sinkstream serve: {options.replicas} replicas on Ray Serve at http://{options.host}:{options.port}",
           file=sys.stderr, flush=True)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -146,7 +146,7 @@ class ResponsesServing:
 
     # -- the answer ---------------------------------------------------------------------------------
     def _answer(self, call: Call, chat_req: P.ChatCompletionRequest):
-        text = call.turn.job.text
+        text = call.turn.job.row.text
         if chat_req.tool_mode == "none":
             return text, []
         return parse_calls(text, {t.function.name for t in chat_req.tools})
@@ -159,7 +159,7 @@ class ResponsesServing:
     def _usage(call: Call) -> dict:
         turn = call.turn
         prompt = len(turn.job.ids) + turn.cached_tokens
-        out = len(turn.job.generated)
+        out = len(turn.job.row.generated)
         return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": turn.cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + out}  # fmt: skip
 

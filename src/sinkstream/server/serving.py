@@ -130,7 +130,7 @@ def usage(*jobs: Job, cached: int = 0) -> P.Usage:
     """OpenAI's usage: ``prompt_tokens`` is the request's whole prompt, ``cached`` of them resumed from a
     kept state instead of fed."""
     prompt = sum(len(j.ids) for j in jobs) + cached
-    completion = sum(len(j.generated) for j in jobs)
+    completion = sum(len(j.row.generated) for j in jobs)
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                    prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))  # fmt: skip
 
@@ -155,7 +155,7 @@ class ChatServing:
             )
         logprobs = [self._logprob_entry(e) async for e in self.turns.events(turn, request) if e.logprobs is not None]
         raise_failed(turn)
-        content, calls = turn.job.text, []
+        content, calls = turn.job.row.text, []
         if req.tool_mode != "none":
             content, calls = parse_calls(content, _tool_names(req))
         choice = P.ChatChoice(
@@ -308,7 +308,7 @@ class CompletionServing:
         raise_failed(*turns)
         choices = [
             P.CompletionChoice(
-                index=i, text=(prompts[i] if req.echo else "") + t.job.text, finish_reason=t.finish_reason
+                index=i, text=(prompts[i] if req.echo else "") + t.job.row.text, finish_reason=t.finish_reason
             )
             for i, t in enumerate(turns)
         ]

@@ -152,10 +152,10 @@ class Turns:
 
     async def _commit(self, turn: Turn) -> None:
         """Record the answer and persist the session's turn; a failure leaves the turn uncommitted."""
-        job = turn.job
+        job, row = turn.job, turn.job.row
         try:
             turn.conversation.finish(
-                self.tokenizer, job.generated, last_unfed=job.last_unfed, cut_text=job.text if job.stop_hit else None
+                self.tokenizer, row.generated, last_unfed=row.last_unfed, cut_text=row.text if row.stop_hit else None
             )
             if turn.state is not None:
                 self._chain_answer(turn)
@@ -180,7 +180,7 @@ class Turns:
         """Extend the conversation's digests with the answer as the client gets it back (its text, or its
         calls): how the client's next request will name it. A chain that does not cover every message
         (a session from before digests) is dropped: such a turn is kept for its session only."""
-        state, text = turn.state, turn.job.text
+        state, text = turn.state, turn.job.row.text
         content, calls = parse_calls(text, turn.tool_names) if turn.tool_names else (text, [])
         answer = state.conversation.messages[-1]
         if not calls and (content or "") != answer["content"]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import SinkCache
-from ..decoding import RowState, eos_ids
+from ..decoding import BatchStep, DecodeBatch, RowState, RowStep, eos_ids
 from ..engine import forward_stream
 from ..fused import select_decoder
 from ..grammar import Constraint
@@ -43,26 +43,10 @@ class Job:
     constraint: Constraint | None = None  # the grammar the answer follows (structured output, forced tool calls)
     # filled in by the worker
     fed: int = 0  # prompt tokens fed so far
-    row: RowState | None = None  # the answer being decoded (sampling state, text, ids)
-    logits: torch.Tensor | None = None
+    row: RowState | None = None  # the answer being decoded (sampling state, text, ids, how it ended)
+    logits: torch.Tensor | None = None  # after the prompt: the first token's
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.row.generated
-
-    @property
-    def text(self) -> str:  # the answer text (cut before a stop string)
-        return self.row.text
-
-    @property
-    def stop_hit(self) -> bool:
-        return self.row.stop_hit
-
-    @property
-    def last_unfed(self) -> bool:  # the last sampled token was not fed to the model
-        return self.row.last_unfed
 
 
 class Worker:
@@ -72,13 +56,12 @@ class Worker:
         self.model, self.tokenizer = model, tokenizer
         self.fused = select_decoder(model, decode)  # one-token steps (batched decode, 1-token chunks)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
         self.eos_ids = eos_ids(model, tokenizer)
         self.metrics = metrics
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.prefilling: list[Job] = []
-        self.batch: list[Job] = []
+        self.decoding = DecodeBatch()  # its owners are the jobs, in the batch cache's row order
         self.batch_cache: SinkCache | None = None
         self.thread = threading.Thread(target=self._run, name="sinkstream-worker", daemon=True)
         self.running = False
@@ -103,6 +86,10 @@ class Worker:
         )  # fmt: skip
         self.inbox.put(job)
         return job
+
+    @property
+    def batch(self) -> list[Job]:
+        return self.decoding.owners
 
     @property
     def load(self) -> int:
@@ -161,41 +148,54 @@ class Worker:
     def _join(self, job: Job) -> None:
         self.batch_cache = job.cache if self.batch_cache is None else SinkCache.stack([self.batch_cache, job.cache])
         job.cache = None  # its row lives in the batch cache until it leaves
-        self.batch.append(job)
+        self.decoding.add(job.row, job.logits, owner=job)
 
     def _decode_turn(self) -> None:
-        """Sample every row with its own parameters, then feed all rows' tokens in one forward.
-        A row whose sampling fails (its logits, its parameters) leaves alone; a failed forward is the
-        model's and ends every row of the batch."""
+        """One step of the decode loop (``DecodeBatch``): every row samples and takes its token with its
+        own parameters, then the rows that go on are fed in one forward. A row whose sampling fails
+        (its logits, its parameters) leaves alone; a failed forward is the model's and ends every row
+        of the batch."""
         if not self.batch:
             return
-        logits = torch.cat([job.logits for job in self.batch])
-        next_ids, keep = [], []
-        for b, job in enumerate(self.batch):
-            if job.cancel.is_set():
-                job.events.put(DoneEvent("cancelled"))
-                continue
-            try:
-                tid = self._sample_row(job, b, logits)
-            except Exception as e:
-                job.events.put(ErrorEvent(f"{type(e).__name__}: {e}"))
-                continue
-            if tid is not None:
-                keep.append(b)
-                next_ids.append(tid)
-        self._leave(keep)
+        jobs, logits = list(self.batch), torch.cat(self.decoding.logits)
+        step = self.decoding.step(isolate=True, cancelled=lambda job: job.cancel.is_set())
+        for b, (job, outcome) in enumerate(zip(jobs, step.rows)):
+            self._report(job, b, outcome, logits)
+        self._leave(step)
         if not self.batch:
             return
         if self.metrics:
             self.metrics.batch(len(self.batch))
         try:
-            logits = self._step(next_ids)
+            logits = self._step(step.next_ids)
         except Exception as e:
             self._fail_all(f"the model step failed: {type(e).__name__}: {e}")
             return
-        for b, job in enumerate(self.batch):
-            job.logits = logits[b : b + 1]
-            job.row.fed()
+        self.decoding.fed(logits)
+
+    def _report(self, job: Job, b: int, outcome: RowStep, logits: torch.Tensor) -> None:
+        """Send row ``b``'s outcome to its job: its token (with logprobs when asked), and when the answer
+        ended its last text, its own cache and the reason; or its error, or that it was cancelled."""
+        if outcome.cancelled:
+            job.events.put(DoneEvent("cancelled"))
+            return
+        if outcome.error is not None:
+            job.events.put(ErrorEvent(f"{type(outcome.error).__name__}: {outcome.error}"))
+            return
+        if job.t_first is None:
+            job.t_first = time.perf_counter()
+            if self.metrics:
+                self.metrics.first_token(job.t_first - job.t_submit)
+        if outcome.text is not None:
+            lp = _logprobs(logits[b], outcome.token, job.top_logprobs) if job.top_logprobs is not None else None
+            job.events.put(TokenEvent(outcome.token, outcome.text, lp))  # text may be "" (special token, partial char)
+            if self.metrics:
+                self.metrics.generated(1)
+        if job.row.done:
+            if outcome.tail:
+                job.events.put(TokenEvent(-1, outcome.tail))
+            job.cache = self.batch_cache.extract([b])
+            job.events.put(DoneEvent(job.row.finish_reason))
 
     def _step(self, next_ids: list[int]) -> torch.Tensor:
         """Feed one token per batch row; the next logits [B, V]."""
@@ -206,46 +206,18 @@ class Worker:
             self.metrics.stepped(len(next_ids), time.perf_counter() - t0)
         return logits
 
-    def _sample_row(self, job: Job, b: int, logits: torch.Tensor) -> int | None:
-        """Sample row ``b`` and emit its token; returns the token to feed, or None if the row finished."""
-        tid = job.row.sample(logits[b : b + 1])
-        if job.t_first is None:
-            job.t_first = time.perf_counter()
-            if self.metrics:
-                self.metrics.first_token(job.t_first - job.t_submit)
-        text = job.row.accept(tid)
-        if text is not None:
-            lp = _logprobs(logits[b], tid, job.top_logprobs) if job.top_logprobs is not None else None
-            job.events.put(TokenEvent(tid, text, lp))  # text may be "" (special token, partial character)
-            if self.metrics:
-                self.metrics.generated(1)
-        if job.row.done:
-            self._finish(job, b, job.row.finish_reason)
-            return None
-        return tid
-
     def _fail_all(self, message: str) -> None:
         """End every job in flight with ``message`` and start over with an empty batch."""
         for job in self.prefilling + self.batch:
             job.events.put(ErrorEvent(message))
-        self.prefilling, self.batch, self.batch_cache = [], [], None
+        self.prefilling, self.decoding, self.batch_cache = [], DecodeBatch(), None
 
-    def _finish(self, job: Job, row: int, reason: str) -> None:
-        tail = job.row.flush()
-        if tail:
-            job.events.put(TokenEvent(-1, tail))
-        job.cache = self.batch_cache.extract([row])
-        job.events.put(DoneEvent(reason))
-
-    def _leave(self, keep: list[int]) -> None:
-        """Rows not in ``keep`` leave the batch (their jobs already have their own caches)."""
-        if len(keep) == len(self.batch):
-            return
-        self.batch = [self.batch[b] for b in keep]
-        if not keep:
+    def _leave(self, step: BatchStep) -> None:
+        """The rows that did not go on leave the batch cache (a finished row's job has its own copy)."""
+        if not step.keep:
             self.batch_cache = None
-        else:
-            self.batch_cache.select_rows(keep)
+        elif step.dropped:
+            self.batch_cache.select_rows(step.keep)
 
 
 def _logprobs(logits: torch.Tensor, tid: int, k: int) -> tuple[float, list[tuple[int, float]]]:

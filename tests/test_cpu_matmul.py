@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from sinkstream import kernels
+from sinkstream import cpu_matmul
 
 
 def test_fast_cpu_matmul_restores_the_setting_and_keeps_fp32_accuracy():
     before = torch.backends.mkldnn.matmul.fp32_precision
     a, b = torch.randn(128, 576, dtype=torch.float64), torch.randn(576, 700, dtype=torch.float64)
-    with kernels.fast_cpu_matmul() as on:
-        assert on == kernels.onednn_is_fp32_exact()
+    with cpu_matmul.fast_cpu_matmul() as on:
+        assert on == cpu_matmul.onednn_is_fp32_exact()
         got = a.float() @ b.float()
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     rel = ((got.double() - a @ b).abs() / (a.abs() @ b.abs())).max()
@@ -18,14 +18,14 @@ def test_fast_cpu_matmul_restores_the_setting_and_keeps_fp32_accuracy():
 def test_default_mode_leaves_pytorch_choice(monkeypatch):
     monkeypatch.setenv("SINKSTREAM_CPU_MATMUL", "default")
     before = torch.backends.mkldnn.matmul.fp32_precision
-    with kernels.fast_cpu_matmul() as on:
+    with cpu_matmul.fast_cpu_matmul() as on:
         assert not on
         assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
 def test_bad_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SINKSTREAM_CPU_MATMUL", "fastest")
-    with pytest.raises(ValueError, match="SINKSTREAM_CPU_MATMUL"), kernels.fast_cpu_matmul():
+    with pytest.raises(ValueError, match="SINKSTREAM_CPU_MATMUL"), cpu_matmul.fast_cpu_matmul():
         pass
 
 
@@ -38,7 +38,7 @@ def test_decode_layout_keeps_every_family_s_logits_and_greedy_tokens(family):
 
     ref = tiny_model(family, layers=2)
     fast = copy.deepcopy(ref)
-    moved = kernels.decode_layout(fast)
+    moved = cpu_matmul.decode_layout(fast)
     linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
     assert moved >= 2 and all(not m.weight.is_contiguous() for m in linears if min(m.weight.shape) > 1)
     out_emb, in_emb = fast.get_output_embeddings(), fast.get_input_embeddings()
@@ -72,7 +72,7 @@ def test_decode_layout_models_export_and_save(tmp_path, tiny_dir):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     for (name, a), b in zip(plain.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
-    assert kernels.standard_layout(model) > 0 and all(p.is_contiguous() for p in model.parameters())
+    assert cpu_matmul.standard_layout(model) > 0 and all(p.is_contiguous() for p in model.parameters())
     model.save_pretrained(tmp_path / "saved")  # what save_pretrained needs
 
 
@@ -90,16 +90,16 @@ def test_decode_layout_hands_back_the_loaded_file_s_pages_and_nothing_else(tmp_p
     model.weight.data = torch.frombuffer(buf, dtype=torch.float32).view(4096, 2048)
     anon = torch.nn.Linear(2048, 4096, bias=False)
     anon_before = anon.weight.detach().clone()
-    mapped = kernels._file_mappings()
+    mapped = cpu_matmul._file_mappings()
 
     still_used = model.weight.data
     assert float(still_used.sum()) > 0  # every page now resident
-    assert not kernels._release(still_used, model, mapped)  # the model still views it
-    assert not kernels._release(anon.weight.data, torch.nn.Linear(1, 1), mapped)  # not a file page
+    assert not cpu_matmul._release(still_used, model, mapped)  # the model still views it
+    assert not cpu_matmul._release(anon.weight.data, torch.nn.Linear(1, 1), mapped)  # not a file page
     assert torch.equal(anon.weight, anon_before)
 
     before = rss_mb()
-    assert kernels.decode_layout(model) == 1
+    assert cpu_matmul.decode_layout(model) == 1
     assert torch.equal(model.weight, values.view(4096, 2048)) and not model.weight.is_contiguous()
     assert rss_mb() - before < 16  # the 32 MB copy replaced the 32 MB of file pages
     assert torch.equal(still_used, values.view(4096, 2048))  # released pages read back from the file

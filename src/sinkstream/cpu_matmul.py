@@ -7,12 +7,11 @@ AVX-512 kernels on any CPU, and PyTorch routes fp32 matmuls to it when
 arithmetic: where oneDNN has bf16 kernels for the shape (AMX CPUs) results really lose precision.
 So ``fast_cpu_matmul`` switches only after a probe shows oneDNN gives fp32-accurate results here.
 
-Measured with SmolLM2-135M, fp32, 2 cores (AMD EPYC, torch 2.13): a [256, 576] x [576, 1536]
-matmul 180 -> 430 GFLOP/s; exact chunked streaming evaluation 337 -> 610 tokens/s. One-token decode
-steps use it too, with the weights in ``decode_layout`` (39.6 -> 32.7 ms per token; with the
-standard layout oneDNN was slower than MKL). Not the engine's prefill, nor the one-query attention
-matmuls (``default_matmul``): oneDNN caches a primitive per matmul shape, and shapes that change
-with every chat turn or every step while the cache fills grew a process without bound.
+Many-row fp32 products (the exact chunked evaluation, training) gain most; one-token decode steps use
+it too, with the weights in ``decode_layout`` (with the standard layout oneDNN is slower than MKL).
+Not the engine's prefill, nor the one-query attention matmuls (``default_matmul``): oneDNN caches a
+primitive per matmul shape, and shapes that change with every chat turn or every step while the cache
+fills grow a process without bound. The measurements are in docs/performance.md.
 
 ``SINKSTREAM_CPU_MATMUL=default`` keeps PyTorch's choice everywhere; ``=onednn`` skips the probe.
 """
@@ -101,8 +100,8 @@ def decode_layout(model) -> int:
     Values, shapes and the module code stay as they are: ``F.linear`` computes ``x @ weight.T``, and
     ``weight.T`` is now the contiguous [in, out] matrix, so MKL runs a plain NN product. For a one-row
     decode step that streams the weight row after row; with the default [out, in] layout MKL's AVX2
-    path (on non-Intel CPUs) runs a transposed product that moves a third fewer bytes per second
-    (15 vs 22 GB/s here; README, issue 6). Many-row forwards (prefill, evaluation) are no slower.
+    path (on non-Intel CPUs) runs a transposed product that moves a third fewer bytes per second.
+    Many-row forwards (prefill, evaluation) are no slower.
     Tied weights (embeddings = LM head) are one tensor and move once. Returns how many weights moved.
 
     ``save_pretrained`` cannot write such weights (safetensors wants contiguous tensors):

@@ -15,7 +15,7 @@ import torch
 def attention_maps(model, ids: torch.Tensor, per_head: bool = False) -> np.ndarray:
     """[layers, q, k] attention averaged over heads (and the batch) for ``ids`` [n]; with ``per_head``,
     [layers, heads, q, k]."""
-    from ..attention import ZERO_EAGER, register_zero, sink_mode
+    from .attention import ZERO_EAGER, register_zero, sink_mode
 
     before = model.config._attn_implementation
     eager = "eager"  # the implementation that returns weights
