@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     _add_limits(s.add_argument_group("limits"))
     k = s.add_argument_group("kept turns: any client's resent history resumes instead of being fed again")
     k.add_argument(
-        "--keep-turns", type=int, default=4, help="turns kept per conversation for regenerate and edit (default 4)"
+        "--keep-turns", type=int, default=8, help="turns kept per conversation for regenerate and edit (default 8)"
     )
     k.add_argument("--turns-disk-mb", type=float, default=8192, help="disk all kept turns may take (default 8192)")
     k.add_argument("--turns-memory-mb", type=float, default=1024, help="kept turns also held in memory (default 1024)")

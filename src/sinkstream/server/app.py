@@ -76,7 +76,7 @@ class ServerConfig:
     kv_dtype: str | None = None  # keys/values of new caches stored in this dtype (None: the model's)
     session_wait_s: float = 0.0  # a request for a busy session waits this long (0: 409 at once)
     session_queue: int = 8  # requests that may wait for one session
-    keep_turns: int = 4  # kept turns per conversation (regenerate and edit resume from them)
+    keep_turns: int = 8  # kept turns per conversation (regenerate and edit resume from them)
     turns_disk_mb: float = 8192  # all kept turns' snapshots on disk
     turns_memory_mb: float = 1024  # kept turns' states also held in memory
 

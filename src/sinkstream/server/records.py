@@ -145,7 +145,7 @@ class TurnRow:
 class Retention:
     """How many turns each conversation keeps, and the bytes all kept snapshots may take on disk."""
 
-    per_lineage: int = 4
+    per_lineage: int = 8
     disk_bytes: int = 8 * 2**30
 
 
