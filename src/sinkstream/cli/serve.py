@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..extras import need
@@ -248,20 +250,41 @@ def run(args) -> int:
 
         options = cluster.ClusterOptions(args.replicas, args.replica_cpus, args.ray_address, args.host, args.port)
         return cluster.run(spec, config, options)
+    config.worker_thread = False  # this thread runs the model (``serve_http_beside``)
     try:
         app = build_app(spec, config)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    name = config.model_name
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"sinkstream serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     )
     print(
-        f"sinkstream serve: model {name}, cache {args.sink}+{args.window}, state {args.state_dir}",
+        f"sinkstream serve: model {config.model_name}, cache {args.sink}+{args.window}, state {args.state_dir}",
         file=sys.stderr,
         flush=True,
     )
-    server.run()
-    return 0
+    return serve_http_beside(server, app.state.worker)
+
+
+def serve_http_beside(server, worker) -> int:
+    """Serve HTTP from a thread while this (the main) thread runs the model's worker, where OpenMP starts
+    the kernels' parallel loops fastest (``server.worker``). SIGINT and SIGTERM stop both gracefully; if
+    the HTTP server ends on its own (it could not bind its port, say), so does the worker."""
+    http = threading.Thread(target=server.run, name="sinkstream-http", daemon=True)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    http.start()
+    try:
+        worker.run(until=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+        worker.stop()
+    return 0 if server.started else 1

@@ -42,6 +42,7 @@ from .resume import Resumer
 from .routes import api, open_routes
 from .serving import ChatServing, CompletionServing, RequestChecks
 from .store import SessionStore
+from .threads import one_omp_thread
 from .tokens import TokenServing
 from .turns import Turns
 from .worker import Worker
@@ -74,6 +75,7 @@ class ServerConfig:
     prefill_chunk: int | None = None
     decode: str = "auto"  # one-token steps: the fused decoder where it applies (auto | fused | transformers)
     kv_dtype: str | None = None  # keys/values of new caches stored in this dtype (None: the model's)
+    worker_thread: bool = True  # the worker in a thread of its own (False: the caller runs it, ``Worker.run``)
     session_wait_s: float = 0.0  # a request for a busy session waits this long (0: 409 at once)
     session_queue: int = 8  # requests that may wait for one session
     keep_turns: int = 8  # kept turns per conversation (regenerate and edit resume from them)
@@ -151,7 +153,9 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                     decode=config.decode)  # fmt: skip
 
     async def lifespan(app):
-        worker.start()
+        one_omp_thread()  # this (the event loop's) thread: requests' tensor work on one OpenMP thread
+        if config.worker_thread:
+            worker.start()
         metrics.sessions.set(store.count())
         beating = asyncio.create_task(heartbeats(app.state.replica, store, worker))
         yield

@@ -107,7 +107,7 @@ class ModelReplica:
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose model worker has died is replaced."""
-        if not self.app.state.worker.thread.is_alive():
+        if not self.app.state.worker.alive:
             raise RuntimeError("the model worker thread is not running")
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes):

@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from starlette.concurrency import run_in_threadpool
-
 from .errors import ApiError
 from .store import Session, SessionBusy, SessionStore
+from .threads import off_loop
 
 POLL_S = 0.05
 
@@ -64,7 +63,7 @@ class Leases:
 
     async def _acquire(self, sid: str) -> Session:
         """``store.acquire`` in a thread; a request cancelled meanwhile hands the lease back when it comes."""
-        lease = asyncio.ensure_future(run_in_threadpool(self.store.acquire, sid))
+        lease = asyncio.ensure_future(off_loop(self.store.acquire, sid))
         try:
             return await asyncio.shield(lease)
         except asyncio.CancelledError:

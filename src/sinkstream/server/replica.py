@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 
-from starlette.concurrency import run_in_threadpool
+from .threads import off_loop
 
 log = logging.getLogger("sinkstream.server")
 HEADER = b"x-sinkstream-replica"
@@ -35,7 +35,7 @@ async def heartbeats(replica: Replica, store, worker) -> None:
         beat = {**asdict(replica), "seen": time.time(), "sessions_in_memory": store.in_memory,
                 "live_requests": worker.load}  # fmt: skip
         try:
-            await run_in_threadpool(store.records.heartbeat, beat)
+            await off_loop(store.records.heartbeat, beat)
         except Exception as e:  # the store is down for a moment: say so, beat again later
             log.warning("replica heartbeat failed: %s: %s", type(e).__name__, e)
         await asyncio.sleep(HEARTBEAT_S)

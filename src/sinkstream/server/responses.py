@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from ..tools import CallStream, parse_calls
 from . import history as hist
@@ -31,6 +30,7 @@ from .errors import ApiError
 from .objects import Objects, StoredResponse
 from .responses_protocol import FormatJsonObject, FormatJsonSchema, NamedFunctionChoice, ResponseRequest
 from .serving import ChatServing
+from .threads import off_loop
 from .turns import Turn, TurnStream, raise_failed
 
 
@@ -54,7 +54,7 @@ class ResponsesServing:
     # -- create -------------------------------------------------------------------------------------
     async def create(self, req: ResponseRequest, request: Request):
         self.chat.checks.model(req.model)
-        call = await run_in_threadpool(self._call, req)
+        call = await off_loop(self._call, req)
         chat_req = self._chat_request(call)
         call.turn = await self.chat._start(chat_req, self.chat.checks.sampling(chat_req))
         if req.stream:
@@ -66,7 +66,7 @@ class ResponsesServing:
         content, calls = self._answer(call, chat_req)
         call.output = I.output_items(content, calls)
         body = self._body(call, self._status(call), self._usage(call))
-        await run_in_threadpool(self._store, call, body, content, calls)
+        await off_loop(self._store, call, body, content, calls)
         return body
 
     def _call(self, req: ResponseRequest) -> Call:
@@ -248,7 +248,7 @@ class ResponsesServing:
         status = self._status(call)
         body = self._body(call, status, self._usage(call))
         content = message["content"][0]["text"] if message else None
-        await run_in_threadpool(self._store, call, body, content, found)
+        await off_loop(self._store, call, body, content, found)
         yield events.emit("response.completed" if status == "completed" else "response.incomplete", response=body)
 
     @staticmethod

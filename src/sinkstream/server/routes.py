@@ -13,7 +13,6 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from . import protocol as P
 from . import responses_protocol as RP
@@ -21,6 +20,7 @@ from .errors import ApiError, check_api_key, documented
 from .openapi import SSE
 from .replica import HEARTBEAT_S
 from .store import SessionBusy, SessionNotFound
+from .threads import off_loop
 
 
 def authorize(request: Request) -> None:
@@ -60,7 +60,7 @@ async def models(request: Request):
 async def replicas(request: Request):
     """The server processes sharing this server's store that were alive in the last few seconds."""
     since = time.time() - 3 * HEARTBEAT_S
-    rows = await run_in_threadpool(request.app.state.store.records.replicas, since)
+    rows = await off_loop(request.app.state.store.records.replicas, since)
     return P.ReplicaList(
         data=[P.ReplicaInfo(**{**r, "started": int(r["started"]), "seen": int(r["seen"])}) for r in rows]
     )
@@ -68,7 +68,7 @@ async def replicas(request: Request):
 
 @api.get("/v1/sessions", response_model=P.SessionList)
 async def sessions(request: Request):
-    return P.SessionList(data=await run_in_threadpool(request.app.state.store.list))
+    return P.SessionList(data=await off_loop(request.app.state.store.list))
 
 
 @api.get("/v1/sessions/{sid}", response_model=P.SessionInfo, responses=documented(404))
@@ -123,12 +123,12 @@ async def completions(req: P.CompletionRequest, request: Request):
 )
 async def tokenize(req: P.TokenizeRequest, request: Request):
     """Token ids of a text or of a chat as this server renders it (vLLM's and llama.cpp's route)."""
-    return await run_in_threadpool(request.app.state.tokens.tokenize, req)
+    return await off_loop(request.app.state.tokens.tokenize, req)
 
 
 @api.post("/detokenize", response_model=P.DetokenizeResponse, responses=documented(400, 404))
 async def detokenize(req: P.DetokenizeRequest, request: Request):
-    return await run_in_threadpool(request.app.state.tokens.detokenize, req)
+    return await off_loop(request.app.state.tokens.detokenize, req)
 
 
 # -- the Responses API ------------------------------------------------------------------------------
@@ -145,61 +145,61 @@ async def responses_get(rid: str, request: Request, stream: bool = False):
     if stream:
         serving.retrieve(rid)  # 404 before the stream starts
         return StreamingResponse(serving.replay(rid), media_type="text/event-stream")
-    return await run_in_threadpool(serving.retrieve, rid)
+    return await off_loop(serving.retrieve, rid)
 
 
 @api.delete("/v1/responses/{rid}", responses=documented(404))
 async def responses_delete(rid: str, request: Request):
     s = request.app.state
-    return await run_in_threadpool(s.responses.delete, rid, s.store)
+    return await off_loop(s.responses.delete, rid, s.store)
 
 
 @api.get("/v1/responses/{rid}/input_items", responses=documented(400, 404))
 async def responses_input_items(rid: str, request: Request, after: str | None = None,
                                 limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc"):  # fmt: skip
-    return await run_in_threadpool(request.app.state.responses.input_items, rid, after, limit, order)
+    return await off_loop(request.app.state.responses.input_items, rid, after, limit, order)
 
 
 # -- the Conversations API --------------------------------------------------------------------------
 @api.post("/v1/conversations", responses=documented(400))
 async def conversations_create(body: RP.ConversationCreate, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.create, body)
+    return await off_loop(request.app.state.conversations.create, body)
 
 
 @api.get("/v1/conversations/{cid}", responses=documented(404))
 async def conversations_get(cid: str, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.retrieve, cid)
+    return await off_loop(request.app.state.conversations.retrieve, cid)
 
 
 @api.post("/v1/conversations/{cid}", responses=documented(400, 404))
 async def conversations_update(cid: str, body: RP.ConversationUpdate, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.update, cid, body)
+    return await off_loop(request.app.state.conversations.update, cid, body)
 
 
 @api.delete("/v1/conversations/{cid}", responses=documented(404, 409))
 async def conversations_delete(cid: str, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.delete, cid)
+    return await off_loop(request.app.state.conversations.delete, cid)
 
 
 @api.post("/v1/conversations/{cid}/items", responses=documented(400, 404))
 async def conversation_items_create(cid: str, body: RP.ItemsCreate, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.add_items, cid, body)
+    return await off_loop(request.app.state.conversations.add_items, cid, body)
 
 
 @api.get("/v1/conversations/{cid}/items", responses=documented(400, 404))
 async def conversation_items_list(cid: str, request: Request, after: str | None = None,
                                   limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc"):  # fmt: skip
-    return await run_in_threadpool(request.app.state.conversations.list_items, cid, after, limit, order)
+    return await off_loop(request.app.state.conversations.list_items, cid, after, limit, order)
 
 
 @api.get("/v1/conversations/{cid}/items/{item_id}", responses=documented(404))
 async def conversation_item_get(cid: str, item_id: str, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.item, cid, item_id)
+    return await off_loop(request.app.state.conversations.item, cid, item_id)
 
 
 @api.delete("/v1/conversations/{cid}/items/{item_id}", responses=documented(404))
 async def conversation_item_delete(cid: str, item_id: str, request: Request):
-    return await run_in_threadpool(request.app.state.conversations.delete_item, cid, item_id)
+    return await off_loop(request.app.state.conversations.delete_item, cid, item_id)
 
 
 def _known(fn, sid: str):

@@ -15,7 +15,6 @@ import re
 import torch
 from fastapi import Request
 from jinja2 import TemplateError
-from starlette.concurrency import run_in_threadpool
 
 from ..cache import SinkCache
 from ..grammar import Constraint, GrammarError, Grammars
@@ -26,6 +25,7 @@ from .errors import ApiError
 from .events import AsyncEvents, DoneEvent, TokenEvent
 from .resume import Resumer
 from .store import Session
+from .threads import off_loop
 from .turns import Turn, Turns, TurnStream, raise_failed
 from .worker import Job
 
@@ -179,7 +179,7 @@ class ChatServing:
         forced = req.tool_mode in ("required", "named")
         name = req.tool_choice.function.name if req.tool_mode == "named" else None
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tool_mode != "none" else None
-        constraint = await run_in_threadpool(self.checks.constraint, req, call_schema(tools, name) if forced else None)
+        constraint = await off_loop(self.checks.constraint, req, call_schema(tools, name) if forced else None)
         msgs = [m.as_dict() for m in req.messages]
         session = await self.turns.lease(req.session_id) if req.session_id else None
         try:
@@ -195,7 +195,7 @@ class ChatServing:
     async def _turn(self, req, params, bias, msgs: list[dict], tools, session: Session | None) -> Turn:
         """The turn's job: the state the request goes on from (``resume``: a kept turn it matches, its
         session, or nothing) and the request's messages after it, rendered and fed."""
-        start = await run_in_threadpool(self.resumer.plan, msgs, tools, session)
+        start = await off_loop(self.resumer.plan, msgs, tools, session)
         state = start.state
         conv = state.conversation
         conv.tools = tools
@@ -204,7 +204,7 @@ class ChatServing:
         state.mark()
         before = len(conv.messages)
         try:
-            ids = await run_in_threadpool(conv.begin, self.tokenizer, start.new)
+            ids = await off_loop(conv.begin, self.tokenizer, start.new)
         except (ValueError, TemplateError) as e:
             raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
         state.digests += start.new_digests
@@ -292,7 +292,7 @@ class CompletionServing:
         params = self.checks.sampling(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         queue = asyncio.Queue()  # shared by the prompts' jobs, their events tagged with the prompt's index
-        constraints = [await run_in_threadpool(self.checks.constraint, req) for _ in prompts]  # compiled once
+        constraints = [await off_loop(self.checks.constraint, req) for _ in prompts]  # compiled once
         turns = self._turns(req, params, prompts, constraints, asyncio.get_running_loop(), queue)
         self.turns.submit_all(turns)
         rid = P.new_id("cmpl")

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from ..chat import Conversation
 from ..tools import parse_calls
@@ -22,6 +21,7 @@ from .errors import ApiError, generation_failed
 from .events import DoneEvent, ErrorEvent, TokenEvent
 from .leases import Leases
 from .store import Session
+from .threads import off_loop
 from .worker import Job, Worker
 
 
@@ -159,7 +159,7 @@ class Turns:
             )
             if turn.state is not None:
                 self._chain_answer(turn)
-                await run_in_threadpool(self.store.commit, turn.state, job.cache, turn.messages_before)
+                await off_loop(self.store.commit, turn.state, job.cache, turn.messages_before)
         except Exception as e:
             turn.error = f"could not save the turn: {type(e).__name__}: {e}"
             return

@@ -1,5 +1,10 @@
 """The model's one thread: prefills new requests and decodes all live ones together.
 
+It runs in a thread of its own (``start``), or in the caller's thread (``run``): ``sinkstream serve``
+gives it the process's main thread and serves HTTP from another, because OpenMP (libgomp, which the
+kernels' parallel loops run on) starts a parallel region several times faster from the main thread
+than from any other, and a decode step is hundreds of small parallel regions.
+
 Continuous batching. A request (``Job``) brings its own single-row ``SinkCache`` (a session's, or a
 fresh one) and the token ids to feed. The worker prefills it in chunks, one chunk per loop turn so
 live answers keep flowing, then the job joins the decode batch: its row is stacked onto the batch
@@ -64,17 +69,28 @@ class Worker:
         self.decoding = DecodeBatch()  # its owners are the jobs, in the batch cache's row order
         self.batch_cache: SinkCache | None = None
         self.thread = threading.Thread(target=self._run, name="sinkstream-worker", daemon=True)
-        self.running = False
+        self.running, self.until = False, lambda: False
 
     # -- public --------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the loop in a thread of its own."""
         self.running = True
         self.thread.start()
+
+    def run(self, until=lambda: False) -> None:
+        """Run the loop in the caller's thread until ``stop`` (or ``until()`` turns true)."""
+        self.running, self.until = True, until
+        self._run()
+
+    @property
+    def alive(self) -> bool:
+        return self.running and (self.thread.is_alive() or self.thread.ident is None)
 
     def stop(self) -> None:
         self.running = False
         self.inbox.put(None)
-        self.thread.join(timeout=30)
+        if self.thread.ident is not None:
+            self.thread.join(timeout=30)
 
     def submit(self, job: Job) -> Job:
         if not job.ids:
@@ -98,7 +114,7 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self) -> None:
-        while self.running:
+        while self.running and not self.until():
             self._take_new(block=not (self.prefilling or self.batch))
             try:
                 self._prefill_turn()
