@@ -170,6 +170,13 @@ class SinkCache(Cache):
         """Each row's sinks: its first ``pin`` tokens stay in the cache for the whole stream."""
         return [r.pin for r in self.main.rows] if self.main.rows else [self.main.pin]
 
+    def prefill_chunk(self, most: int | None = None) -> int:
+        """The most tokens to feed a one-row stream in one forward: a chunk evicts its own length before
+        it is attended, so half of the row's window (what its sinks leave of the cache) keeps at least
+        that much context; ``most`` (a configured chunk) instead, at most the whole window."""
+        window = self.n_sink + self.window - self.pins[0]
+        return min(most or max(1, window // 2), window)
+
     @property
     def tokens_cached(self) -> int:
         """Tokens stored now (at most ``n_sink + window``; the fullest row of a batch)."""
