@@ -193,3 +193,142 @@ def test_chat_pins_its_system_prompt_and_falls_back_with_a_warning(caplog):
     assert off.engine.cache.pins == [4]
     with pytest.raises(ValueError, match="--pin"):
         ChatSession(off.engine, pin="everything")
+
+
+# -- the server: a pin per conversation, reported, kept across restarts, chosen per request -------------
+
+SYSTEM = "Be terse."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from sinkstream.models import export_model
+
+    return export_model(tiny_model("llama", layers=2), tiny_tokenizer(), tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _head(system: str) -> int:
+    """What the tiny template renders before the first user message's text."""
+    return len(tiny_tokenizer()(f"<s>system: {system}</s><s>user: ", add_special_tokens=False).input_ids)
+
+
+def _ask(srv, messages, sid=None, **extra):
+    import threading  # noqa: F401 (the callers run it in threads)
+
+    body = {"model": "tiny", "messages": messages, "max_tokens": 40, "temperature": 0, "logprobs": True,
+            "top_logprobs": 3, **({"session_id": sid} if sid else {}), **extra}  # fmt: skip
+    status, r = srv.request("POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    return r
+
+
+def _lp(r) -> list:
+    return [(t["token"], t["logprob"]) for t in r["choices"][0]["logprobs"]["content"]]
+
+
+def _metric(srv, name: str) -> float:
+    import re
+
+    return float(re.search(rf"^{name} (\S+)$", srv.request("GET", "/metrics")[1], re.M).group(1))
+
+
+def test_server_pins_sessions_reports_and_keeps_them_across_a_restart(model_dir, tmp_path):
+    from serverproc import Server
+
+    srv = Server(model_dir, tmp_path / "s", window=124).start()  # a quarter of the 128-token cache: 32
+    head = _head(SYSTEM)
+    try:
+        r = _ask(srv, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello there"}], "p")
+        assert r["session"]["tokens_pinned"] == head and r["session"]["mode"] == "new"
+        none = _ask(srv, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], "n", pin="none")
+        assert none["session"]["tokens_pinned"] == 4
+        long = _ask(srv, [{"role": "system", "content": SYSTEM * 6}, {"role": "user", "content": "hi"}], "l")
+        assert long["session"]["tokens_pinned"] == 4  # more than a quarter of the cache: the sinks alone
+        assert "more than a quarter of the 128-token cache" in srv.log.read_text()
+        for i in range(6):  # far past the cache: the prefix stays
+            r = _ask(srv, [{"role": "user", "content": f"turn {i}, a message that fills the window"}], "p")
+        assert r["session"]["tokens_seen"] > 128 and r["session"]["tokens_pinned"] == head
+        status, body = srv.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                                      "pin": 128})  # fmt: skip
+        assert status == 400 and body["error"]["param"] == "pin" and "no window" in body["error"]["message"]
+        expected = _ask(srv, [{"role": "user", "content": "and after a restart?"}], "p")
+        srv.request("DELETE", "/v1/sessions/p")
+    finally:
+        srv.stop()
+    srv = Server(model_dir, tmp_path / "s2", window=124).start()
+    try:
+        _ask(srv, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello there"}], "p")
+        for i in range(6):
+            _ask(srv, [{"role": "user", "content": f"turn {i}, a message that fills the window"}], "p")
+    finally:
+        srv.stop()
+    srv.start()  # nothing in memory: the session comes back from its snapshot and record
+    try:
+        assert srv.request("GET", "/v1/sessions/p")[1]["tokens_pinned"] == head
+        got = _ask(srv, [{"role": "user", "content": "and after a restart?"}], "p")
+        assert _lp(got) == _lp(expected) and got["session"]["tokens_pinned"] == head
+    finally:
+        srv.stop()
+
+
+def test_server_new_system_prompt_in_a_session_restarts_it_pinned(model_dir, tmp_path):
+    from serverproc import Server
+
+    srv = Server(model_dir, tmp_path / "s", window=124).start()
+    try:
+        first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello"}]
+        _ask(srv, first, "s")
+        r = _ask(srv, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "again"}], "s")
+        assert r["session"]["mode"] == "appended"  # the same system prompt again is no new message
+        roles = [m["role"] for m in srv.request("GET", "/v1/sessions/s/messages")[1]["data"]]
+        assert roles == ["system", "user", "assistant", "user", "assistant"]
+        other = "Use French."
+        r = _ask(srv, [{"role": "system", "content": other}, {"role": "user", "content": "third"}], "s")
+        assert r["session"]["mode"] == "restarted" and r["session"]["tokens_pinned"] == _head(other)
+        transcript = srv.request("GET", "/v1/sessions/s/messages")[1]["data"]
+        assert [m["content"] for m in transcript if m["role"] == "system"] == [other]
+        assert [m["content"] for m in transcript if m["role"] == "user"] == ["hello", "again", "third"]
+        # the same state as a client that sends the conversation whole, with the new system prompt
+        whole = [{"role": "system", "content": other}] + [
+            {"role": m["role"], "content": m["content"]} for m in transcript[1:-1]
+        ]
+        assert _lp(_ask(srv, whole)) == _lp(r)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        r = _ask(srv, [{"role": "user", "content": "now with a tool"}], "s", tools=tools)
+        assert r["session"]["mode"] == "restarted"  # other tools: their new prefix is pinned, never mixed
+    finally:
+        srv.stop()
+
+
+def test_server_rows_with_different_pins_decode_together(model_dir, tmp_path):
+    """Conversations with different pinned prefixes in one batch: each answers as it does alone."""
+    import threading
+
+    from serverproc import Server
+
+    srv = Server(model_dir, tmp_path / "s", window=252).start()
+    try:
+        systems = ["Be terse.", "You are a helpful assistant.", "", "Speak like a pirate, always."]
+        requests = [
+            ([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": f"question {i}"}]
+            for i, s in enumerate(systems)
+        ]
+        alone = [_ask(srv, m, pin=p) for m, p in zip(requests, ["auto", "auto", "none", 9])]
+        together = [None] * len(requests)
+        rows, steps = _metric(srv, "sinkstream_decode_rows_total"), _metric(srv, "sinkstream_decode_steps_total")
+
+        def run(i, pin):
+            together[i] = _ask(srv, requests[i], f"t{i}", pin=pin)
+
+        threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(["auto", "auto", "none", 9])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r["session"]["tokens_pinned"] for r in together] == [_head(systems[0]), _head(systems[1]), 4, 9]
+        assert _metric(srv, "sinkstream_decode_rows_total") - rows > _metric(srv, "sinkstream_decode_steps_total") - steps
+        for a, b in zip(together, alone):  # a batch's matmuls round otherwise than one row's
+            assert [t for t, _ in _lp(a)] == [t for t, _ in _lp(b)]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(_lp(a), _lp(b))) < 1e-4
+    finally:
+        srv.stop()

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .engine import Engine, SamplingParams
-from .pinning import Pin, choose, parse_pin, prefix_tokens
+from .pinning import Pin, choose, parse_pin, prefix_name, prefix_tokens
 from .tools import for_template, template_supports_tools
 
 
@@ -127,7 +127,8 @@ class ChatSession:
         e, c = self.engine, self.conversation
         ids = e.tokenizer(c.new_turn_text(e.tokenizer, message), add_special_tokens=False).input_ids
         probe = Conversation(messages=c.messages + _as_messages(message), tools=c.tools)
-        self.pinned = choose(prefix_tokens(e.tokenizer, probe, ids), e.n_sink, e.window, self.pin_mode)
+        prefix = prefix_tokens(e.tokenizer, probe, ids)
+        self.pinned = choose(prefix, e.n_sink, e.window, self.pin_mode, prefix_name(c.tools))
         if self.pinned.warning:
             logging.getLogger(__name__).warning("sinkstream: %s", self.pinned.warning)
         e.reset(pin=self.pinned.tokens)

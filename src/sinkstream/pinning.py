@@ -55,6 +55,11 @@ def choose(prefix: int, n_sink: int, window: int, mode: str | int, what: str = "
     return Pin(tokens)
 
 
+def prefix_name(tools) -> str:
+    """What a chat's prefix is, for the warning."""
+    return "the system prompt and tools" if tools else "the system prompt"
+
+
 def prefix_tokens(tokenizer, conversation, ids: list[int]) -> int:
     """How many of a conversation's first ``ids`` (its whole rendering, as fed from the start) are what
     the template renders before the first user message's text: its system prompt, its tools, the template's

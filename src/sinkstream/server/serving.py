@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 
 from ..cache import SinkCache
 from ..grammar import Constraint, GrammarError, Grammars
-from ..pinning import choose, prefix_tokens
+from ..pinning import choose, prefix_name, prefix_tokens
 from ..sampling import SamplingParams
 from ..tools import CallStream, call_schema, parse_calls
 from . import protocol as P
@@ -157,7 +157,7 @@ class ChatServing:
     def _pin(self, conv, ids: list[int], pin: str | int) -> int:
         """The sinks of a conversation that starts with ``ids``: its pinned prefix (``pinning.choose``)."""
         c = self.checks.config
-        chosen = choose(prefix_tokens(self.tokenizer, conv, ids), c.n_sink, c.window, pin)
+        chosen = choose(prefix_tokens(self.tokenizer, conv, ids), c.n_sink, c.window, pin, prefix_name(conv.tools))
         if chosen.warning and not self.warned:
             log.warning("%s (said once)", chosen.warning)
             self.warned = True
