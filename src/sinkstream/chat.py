@@ -105,11 +105,14 @@ class Conversation:
 class ChatSession:
     """A conversation with an engine. ``pin`` (``auto``, ``none`` or a number of tokens, see ``pinning``)
     decides at the first turn how much of what comes before the first user message (system prompt, tools)
-    stays in the cache for the whole conversation; ``pinned`` says what was chosen, and why not more."""
+    stays in the cache for the whole conversation; ``pinned`` says what was chosen, and ``on_warning``
+    (a function of one line) hears why not more."""
 
-    def __init__(self, engine: Engine, system: str | None = None, pin: str | int = "auto"):
+    def __init__(self, engine: Engine, system: str | None = None, pin: str | int = "auto", on_warning=None):
         self.engine, self.system = engine, system
         self.pin_mode = parse_pin(pin)
+        # what ``auto`` could not pin is said once per conversation (default: a logging warning)
+        self.on_warning = on_warning or logging.getLogger(__name__).warning
         self.reset()
 
     def reset(self) -> None:
@@ -130,7 +133,7 @@ class ChatSession:
         prefix = prefix_tokens(e.tokenizer, probe, ids)
         self.pinned = choose(prefix, e.n_sink, e.window, self.pin_mode, prefix_name(c.tools))
         if self.pinned.warning:
-            logging.getLogger(__name__).warning("sinkstream: %s", self.pinned.warning)
+            self.on_warning(self.pinned.warning)
         e.reset(pin=self.pinned.tokens)
         return self.pinned
 

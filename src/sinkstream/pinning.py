@@ -47,8 +47,8 @@ def choose(prefix: int, n_sink: int, window: int, mode: str | int, what: str = "
         if prefix <= total // 4:
             return Pin(prefix)
         fix = f"--window {4 * prefix - n_sink}" + (f" or --pin {prefix}" if prefix < total // 2 else "")
-        return Pin(n_sink, f"{what} ({prefix} tokens) are more than a quarter of the {total}-token cache: "
-                           f"not pinned, only the {n_sink} first tokens stay (the sinks); to pin them set {fix}")  # fmt: skip
+        return Pin(n_sink, f"{what}: {prefix} tokens, more than a quarter of the {total}-token cache: not "
+                           f"pinned, only the {n_sink} first tokens stay (the sinks); to pin them set {fix}")  # fmt: skip
     tokens = max(n_sink, min(prefix, int(mode)))
     if tokens >= total:
         raise ValueError(f"--pin {mode}: {tokens} pinned tokens leave no window in a {total}-token cache")

@@ -43,7 +43,7 @@ def run(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     engine, params = engine_for(args)
     args.constraints = constraints_for(engine, args)
-    session = ChatSession(engine, system=args.system, pin=args.pin)
+    session = ChatSession(engine, system=args.system, pin=args.pin, on_warning=warn)
     if prompts:
         for i, message in enumerate(prompts, 1):
             print(f"\n### round {i} · user: {message}", flush=True)
@@ -54,6 +54,10 @@ def run(args) -> int:
         print_stats(engine, args, {"rounds": len(prompts)})
         return 0
     return _repl(session, params, args)
+
+
+def warn(message: str) -> None:
+    print(f"sinkstream: {message}", file=sys.stderr, flush=True)
 
 
 def _answer(session, message, params, constraints=None) -> None:

@@ -56,6 +56,7 @@ def _prompt_pin(engine, ids: list[int], args) -> int:
     without, --pin N pins the prompt's first N tokens (auto: the plain sinks, a prompt has no system part)."""
     from ..chat import Conversation
     from ..pinning import choose, prefix_tokens
+    from .chat import warn
 
     if args.chat:
         conversation = Conversation(messages=[{"role": "user", "content": "?"}])
@@ -64,7 +65,7 @@ def _prompt_pin(engine, ids: list[int], args) -> int:
         prefix, what = (len(ids) if isinstance(args.pin, int) else 0), "the prompt"
     pinned = choose(prefix, engine.n_sink, engine.window, args.pin, what)
     if pinned.warning:
-        print(f"sinkstream: {pinned.warning}", file=sys.stderr)
+        warn(pinned.warning)
     return pinned.tokens
 
 
@@ -95,7 +96,9 @@ def run(args) -> int:
     if args.chat:
         from ..chat import ChatSession
 
-        pieces = ChatSession(engine, pin=args.pin).send(args.prompt, params, constraint)
+        from .chat import warn
+
+        pieces = ChatSession(engine, pin=args.pin, on_warning=warn).send(args.prompt, params, constraint)
     else:
         ids = engine.tokenizer(args.prompt).input_ids
         engine.reset(_prompt_pin(engine, ids, args))
