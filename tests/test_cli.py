@@ -43,6 +43,10 @@ BAD = [
     (["bench", "decode", "--decode", "quick"], "--decode: invalid choice"),
     (["generate", "--prompt", "x", "--seed", str(2**64)], "--seed must be in"),
     (["generate", "--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["chat", "--pin", "all"], "--pin must be auto, none or a number of tokens"),
+    (["generate", "--prompt", "x", "--pin", "-3"], "--pin must be auto, none or a number of tokens"),
+    (["serve", "--pin", "1024"], "--pin 1024 leaves no window in a 1024-token cache"),
+    (["eval", "streameval", "--pin", "2000", "--window", "60"], "--pin 2000 leaves no window"),
 ]
 
 
@@ -149,6 +153,23 @@ def test_chat_scripted_rounds(capsys, tiny_dir, prompts_file):
     assert out.count("### round") == 3
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["rounds"] == 3 and stats["max_cache_tokens"] <= 28 and stats["tokens_seen"] > 28
+
+
+def test_chat_pins_the_system_prompt_and_reports_it(capsys, tiny_dir, prompts_file):
+    """The template's preamble with the system prompt stays in the cache (--json shows how many tokens);
+    --pin none keeps the sinks alone; auto with a prefix over a quarter of the cache says so on stderr."""
+    common = ["chat", "--model", str(tiny_dir), "--prompts", str(prompts_file), "--max-new-tokens", "12", "--json"]
+    system = ["--system", "Be brief."]
+    rc, out, err = run(capsys, *common, *system, "--window", "124")
+    pinned = json.loads(out.strip().splitlines()[-1])["tokens_pinned"]
+    assert rc == 0 and 4 < pinned <= 32 and "not pinned" not in err
+    rc, out, _ = run(capsys, *common, *system, "--window", "124", "--pin", "none")
+    assert json.loads(out.strip().splitlines()[-1])["tokens_pinned"] == 4
+    rc, out, err = run(capsys, *common, *system, "--window", "60")  # a quarter of 64 is less than the preamble
+    assert json.loads(out.strip().splitlines()[-1])["tokens_pinned"] == 4
+    assert f"the system prompt: {pinned} tokens, more than a quarter of the 64-token cache" in err
+    rc, out, err = run(capsys, *common, *system, "--window", "60", "--pin", str(pinned))
+    assert json.loads(out.strip().splitlines()[-1])["tokens_pinned"] == pinned
 
 
 def test_chat_repl(tiny_dir):

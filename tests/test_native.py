@@ -50,11 +50,13 @@ def test_packed_linear(fmt, rows):
     assert float((acc.double() - start.double() - ref).abs().max()) <= tol + 1e-6
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["sinks of the buffer", "sinks per row"])
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("n_sink", [0, 4])
-def test_attend(n_sink, qk_norm):
-    """Rows at different fills (a new sink, a filling window, a full ring): the output and every buffer it
-    writes equal the PyTorch backend's, which spans the whole buffer under a mask."""
+def test_attend(n_sink, qk_norm, per_row):
+    """Rows at different fills (a new sink, a filling window, a full ring), with the sink buffers' sinks or
+    each row's own (pinned prefixes of different lengths): the output and every buffer it writes equal the
+    PyTorch backend's, which spans the whole buffer under a mask."""
     heads, kv_heads, dim, cap = 4, 2, 16, n_sink + 12
     rows = 3
     qkv = _randn(rows, (heads + 2 * kv_heads) * dim)
@@ -67,10 +69,12 @@ def test_attend(n_sink, qk_norm):
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # rot_dim 8 < dim: partial
     norms = (_randn(dim), _randn(dim)) if qk_norm else (None, None)
     layer = _Layer(None, None, None, None, None, None, *norms)
+    sinks = torch.tensor([n_sink, max(n_sink - 3, 0), n_sink // 2]) if per_row else None
     ref_buffers = [b.clone() for b in buffers]
-    want = TorchBackend(heads, kv_heads, dim, dim**-0.5, 1e-6).attend(qkv, ref_buffers, slots, lengths, cos, sin, layer)
+    want = TorchBackend(heads, kv_heads, dim, dim**-0.5, 1e-6).attend(qkv, ref_buffers, slots, lengths, cos, sin, layer,
+                                                                      sinks)  # fmt: skip
     got = native.ops().attend(qkv, *buffers, slots, lengths, cos.contiguous(), sin.contiguous(), heads, *norms, 1e-6,
-                              dim**-0.5)  # fmt: skip
+                              dim**-0.5, sinks)  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     for b, ref in zip(buffers, ref_buffers):
         torch.testing.assert_close(b, ref, atol=1e-6, rtol=1e-5)

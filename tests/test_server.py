@@ -495,6 +495,7 @@ def test_web_page(server):
             info = server.request("GET", f"/v1/sessions/{sid}")[1]
             assert int(page.inner_text("#seen").replace(",", "")) == info["tokens_seen"] > CAPACITY
             assert int(page.inner_text("#cached").replace(",", "")) == info["tokens_cached"] <= CAPACITY
+            assert int(page.inner_text("#pinned")) == info["tokens_pinned"]
             page.reload()  # the session survives a reload: transcript and counters come back
             page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 3", timeout=30_000)
             assert page.inner_text("#turns") == "3"

@@ -8,10 +8,12 @@ per session and decodes many of them in one batch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .engine import Engine, SamplingParams
+from .pinning import Pin, choose, parse_pin, prefix_name, prefix_tokens
 from .tools import for_template, template_supports_tools
 
 
@@ -101,14 +103,39 @@ class Conversation:
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, system: str | None = None):
+    """A conversation with an engine. ``pin`` (``auto``, ``none`` or a number of tokens, see ``pinning``)
+    decides at the first turn how much of what comes before the first user message (system prompt, tools)
+    stays in the cache for the whole conversation; ``pinned`` says what was chosen, and ``on_warning``
+    (a function of one line) hears why not more."""
+
+    def __init__(self, engine: Engine, system: str | None = None, pin: str | int = "auto", on_warning=None):
         self.engine, self.system = engine, system
+        self.pin_mode = parse_pin(pin)
+        # what ``auto`` could not pin is said once per conversation (default: a logging warning)
+        self.on_warning = on_warning or logging.getLogger(__name__).warning
         self.reset()
 
     def reset(self) -> None:
         """Start a new conversation (empty cache)."""
-        self.engine.reset()
+        self.engine.reset(pin=self.engine.n_sink)
         self.conversation = Conversation(system=self.system)
+        self.pinned: Pin | None = None
+
+    def pin_first_turn(self, message: str | list[dict]) -> Pin:
+        """Choose the sinks of a conversation that starts with ``message`` (its pinned prefix) and start its
+        stream with them; ``send`` does it at the first turn, a caller may do it before (to show the
+        warning first). Once a conversation has started, its pin stays."""
+        if self.pinned is not None:
+            return self.pinned
+        e, c = self.engine, self.conversation
+        ids = e.tokenizer(c.new_turn_text(e.tokenizer, message), add_special_tokens=False).input_ids
+        probe = Conversation(messages=c.messages + _as_messages(message), tools=c.tools)
+        prefix = prefix_tokens(e.tokenizer, probe, ids)
+        self.pinned = choose(prefix, e.n_sink, e.window, self.pin_mode, prefix_name(c.tools))
+        if self.pinned.warning:
+            self.on_warning(self.pinned.warning)
+        e.reset(pin=self.pinned.tokens)
+        return self.pinned
 
     @property
     def messages(self) -> list[dict]:
@@ -131,6 +158,7 @@ class ChatSession:
         Interrupting the iteration keeps the partial answer in the conversation (its tokens are in
         the cache)."""
         tok = self.engine.tokenizer
+        self.pin_first_turn(message)
         ids = self.conversation.begin(tok, message)
         answer = self.engine.generate(ids, params, constraint)
         try:

@@ -111,13 +111,16 @@ class Engine:
         dense: bool = False,
         decode: str = "auto",
         kv_dtype: torch.dtype | None = None,
+        pin: int | None = None,
     ):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.n_sink, self.window = n_sink, window
         # a chunk evicts its own length before it is attended; half a window keeps >= window/2 context
+        self.max_chunk = prefill_chunk
         self.prefill_chunk = min(prefill_chunk or max(1, window // 2), window)
+        self.pin = pin  # the sinks of new streams (``SinkCache(pin=)``; None: n_sink)
         self.rebase = rebase and not dense
         self.dense = dense  # a plain growing cache instead (the baseline that breaks)
         self.kv_dtype = kv_dtype  # keys/values stored in this dtype (None: the model's)
@@ -128,14 +131,17 @@ class Engine:
         self.stats = Stats()
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the stream: a fresh, empty cache."""
+    def reset(self, pin: int | None = None) -> None:
+        """Forget the stream: a fresh, empty cache whose sinks are the stream's first ``pin`` tokens (a
+        pinned prefix; default: the engine's ``pin``, else ``n_sink``)."""
+        pin = self.pin if pin is None else pin
         if self.dense:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=self.model.config)
         else:
-            self.cache = SinkCache(self.n_sink, self.window, config=self.model.config, kv_dtype=self.kv_dtype)
+            self.cache = SinkCache(self.n_sink, self.window, config=self.model.config, kv_dtype=self.kv_dtype, pin=pin)
+            self.prefill_chunk = self.cache.prefill_chunk(self.max_chunk)
         self.last_logits: torch.Tensor | None = None
 
     @property
@@ -216,20 +222,21 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | None = None,
         constraints: Sequence | None = None,
+        pins: Sequence[int] | None = None,
     ) -> Iterator[tuple[int, Token]]:
         """Independent streams decoded together: yields ``(prompt index, Token)`` as tokens come.
 
         Each prompt is prefilled alone (exactly as ``generate`` would), then all rows decode in one
         batched step per token, each at its own length and position; a row leaves the batch when it
         stops. With a seed, every row gets its own generator seeded alike, so each row samples what it
-        would alone. ``constraints`` (one per prompt, or None) hold rows to grammars. The engine's own
-        stream is reset."""
+        would alone. ``constraints`` (one per prompt, or None) hold rows to grammars; ``pins`` (one per
+        prompt, or None) are the rows' pinned prefixes (``reset``). The engine's own stream is reset."""
         params = params or SamplingParams()
         if not prompts:
             return
         caches, logits = [], []
-        for ids in prompts:
-            self.reset()
+        for ids, pin in zip(prompts, pins or [None] * len(prompts)):
+            self.reset(pin)
             logits.append(self.prefill(ids))
             caches.append(self.cache)
         self.reset()
@@ -285,6 +292,7 @@ class Engine:
             "tokens_cached": self.tokens_cached,
             "max_cache_tokens": s.max_cache_tokens,
             "cache_capacity": None if self.dense else self.n_sink + self.window,
+            "tokens_pinned": None if self.dense else self.cache.pins[0],
             "tokens_per_s": round(s.tokens_generated / total_s, 2) if total_s else 0.0,
             "decode_tokens_per_s": round(s.tokens_generated / s.decode_s, 2) if s.decode_s else 0.0,
             "prefill_tokens_per_s": round(s.tokens_prefilled / s.prefill_s, 2) if s.prefill_s else 0.0,

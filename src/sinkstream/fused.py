@@ -152,8 +152,9 @@ class TorchBackend:
         g, u = gu.chunk(2, dim=-1)
         return torch.nn.functional.silu(g) * u
 
-    def attend(self, qkv, kv, slots, lengths, cos, sin, layer: _Layer) -> torch.Tensor:
-        """Rotary, the new key and value written at their slots, attention over the buffer [B, H * D]."""
+    def attend(self, qkv, kv, slots, lengths, cos, sin, layer: _Layer, sinks=None) -> torch.Tensor:
+        """Rotary, the new key and value written at their slots, attention over the buffer [B, H * D].
+        ``sinks`` [B]: each row's sink slots (default: all of the sink buffers')."""
         keys_buf, values_buf, sink_keys, sink_values = kv
         b, h, kvh, d = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         g, ns, cap = h // kvh, sink_keys.shape[2], keys_buf.shape[2]
@@ -167,16 +168,18 @@ class TorchBackend:
         rows = torch.arange(b, device=qkv.device)
         keys_buf[rows, :, slots] = k.to(keys_buf.dtype)
         values_buf[rows, :, slots] = v.to(values_buf.dtype)
+        sinks = torch.full_like(slots, ns) if sinks is None else sinks
         if ns:  # a new token in a sink slot is also kept as computed
-            is_sink = (slots < ns)[:, None, None]
+            is_sink = (slots < sinks)[:, None, None]
             s = slots.clamp(max=ns - 1)
             sink_keys[rows, :, s] = torch.where(is_sink, k, sink_keys[rows, :, s]).to(keys_buf.dtype)
             sink_values[rows, :, s] = torch.where(is_sink, v, sink_values[rows, :, s]).to(keys_buf.dtype)
         keys, values = keys_buf.to(q.dtype), values_buf.to(q.dtype)
         scores = q_win.view(b, kvh, g, d) @ keys.transpose(-1, -2)  # [B, KV, G, cap]
-        if ns:
-            sink_scores = q_sink.view(b, kvh, g, d) @ sink_keys.to(q.dtype).transpose(-1, -2)
-            scores = torch.cat([sink_scores, scores[..., ns:]], dim=-1)
+        if ns:  # a row's sink slots score against its sinks as computed
+            sink_scores = q_sink.view(b, kvh, g, d) @ sink_keys.to(q.dtype).transpose(-1, -2)  # [B, KV, G, ns]
+            is_sink = (torch.arange(ns, device=qkv.device)[None, :] < sinks[:, None])[:, None, None, :]
+            scores = torch.cat([torch.where(is_sink, sink_scores, scores[..., :ns]), scores[..., ns:]], dim=-1)
         valid = torch.arange(cap, device=qkv.device)[None, :] < lengths[:, None]  # [B, cap]
         scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
         out = scores.softmax(-1).to(values.dtype) @ values  # [B, KV, G, D]
@@ -216,9 +219,9 @@ class NativeBackend(TorchBackend):
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         return self._silu(gu)
 
-    def attend(self, qkv, kv, slots, lengths, cos, sin, layer: _Layer) -> torch.Tensor:
+    def attend(self, qkv, kv, slots, lengths, cos, sin, layer: _Layer, sinks=None) -> torch.Tensor:
         return self._attend(qkv, *kv, slots, lengths, cos, sin, self.heads, layer.q_norm, layer.k_norm, self.eps,
-                            self.scaling)  # fmt: skip
+                            self.scaling, sinks)  # fmt: skip
 
 
 class FusedDecoder:
@@ -296,7 +299,8 @@ class FusedDecoder:
         positions = torch.tensor([plan.positions, plan.sink_positions], device=device).t()  # [B, 2]
         slots = torch.tensor(plan.slots, device=device)
         lengths = torch.tensor(plan.lengths, device=device)
-        return self._run(ids, positions, slots, lengths, cache.decode_buffers())
+        sinks = torch.tensor(plan.sinks, device=device)  # each row's pin
+        return self._run(ids, positions, slots, lengths, cache.decode_buffers(), sinks)
 
     def compile(self, **options) -> None:
         """Capture the step's tensor work with ``torch.compile(**options)`` (on CUDA,
@@ -306,21 +310,22 @@ class FusedDecoder:
             raise ValueError("compile() is for the torch backend (the native one is compiled C++ already)")
         compiled = torch.compile(self._forward, **options)
 
-        def run(ids, positions, slots, lengths, buffers):
+        def run(ids, positions, slots, lengths, buffers, sinks):
             for t in (t for layer in buffers for t in layer):
                 torch._dynamo.mark_static_address(t)  # written in place: CUDA graphs must not copy them
-            return compiled(ids, positions, slots, lengths, buffers)
+            return compiled(ids, positions, slots, lengths, buffers, sinks)
 
         self._run = run
 
-    def _forward(self, ids, positions, slots, lengths, buffers) -> torch.Tensor:
-        """The step's tensor work: ids [B], positions [B, 2], slots [B], lengths [B], per-layer buffers."""
+    def _forward(self, ids, positions, slots, lengths, buffers, sinks) -> torch.Tensor:
+        """The step's tensor work: ids [B], positions [B, 2], slots [B], lengths [B], per-layer buffers,
+        sinks [B] (each row's pin)."""
         ops = self.ops
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, positions)  # [B, 2, rot]: the new token's frame, then the sinks'
         x, cos, sin = ops.frames(x.to(self.final_norm.dtype), cos, sin)
         for layer, kv in zip(self.layers, buffers):
-            att = ops.attend(layer.qkv(ops.rms_norm(x, layer.input_norm)), kv, slots, lengths, cos, sin, layer)
+            att = ops.attend(layer.qkv(ops.rms_norm(x, layer.input_norm)), kv, slots, lengths, cos, sin, layer, sinks)
             layer.o(att, acc=x)  # x += o(att)
             layer.down(ops.silu_mul(layer.gate_up(ops.rms_norm(x, layer.post_norm))), acc=x)
         return self.lm_head(ops.rms_norm(x, self.final_norm)).float()

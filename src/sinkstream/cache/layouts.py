@@ -42,6 +42,8 @@ class Row:
     start: int = 0  # alibi layout: slot of the oldest window token
     sink_pos: int = 0  # rotary position the first sink was computed at
     sink_delta: int | None = 0  # rotation currently applied to the sink slots
+    pin: int = 0  # the stream's sinks: its first ``pin`` tokens (the plain sinks, or a pinned prefix; set by
+    # the layout that starts the row)
 
 
 @dataclass
@@ -51,12 +53,13 @@ class DecodeStep:
     For every row: the rotary ``position`` of its new token; ``sink_position``, where the query must be
     rotated to see the sinks *as they were computed* at their in-cache distance (RoPE scores depend on
     differences only, so this equals re-rotating the sinks); the ``slot`` the new key goes to (a slot
-    below ``n_sink`` makes it a sink); and ``length``: the row's tokens are slots [0, length) after it."""
+    below the row's ``sinks`` makes it a sink); and ``length``: the row's tokens are slots [0, length) after it."""
 
     positions: list[int]
     sink_positions: list[int]
     slots: list[int]
     lengths: list[int]
+    sinks: list[int]  # each row's sink slots [0, sinks) (its pin)
 
 
 @dataclass
@@ -72,7 +75,6 @@ class ForwardPlan:
     sink_rows: list[int] = field(default_factory=list)  # rows whose token becomes a sink
     moved: list[int] = field(default_factory=list)  # rows whose sinks move (rope) or are copied again (alibi)
     rot_all: bool = False  # every row moved (then no index tensor is needed)
-    rot_rows: torch.Tensor | None = None  # ``moved`` as an index tensor, when only some rows moved
     cos: torch.Tensor | None = None  # [R, 1, 1, rot_dim]
     sin: torch.Tensor | None = None
     compact: list[tuple[int, int, int]] = field(default_factory=list)  # alibi: (row, src, count)
@@ -90,13 +92,25 @@ class Layout:
     bounded_chunks = True  # a chunk may not bring more than ``window`` tokens to the window
     masks_per_row = False  # a mask built from (kv_length, offset) fits rows of different lengths
 
-    def __init__(self, n_sink: int, window: int, rope: Rope | None, n_layers: int, kv_dtype=None):
+    def __init__(self, n_sink: int, window: int, rope: Rope | None, n_layers: int, kv_dtype=None, pin=None):
         self.n_sink, self.window, self.rope, self.n_layers, self.kv_dtype = n_sink, window, rope, n_layers, kv_dtype
+        self.total = n_sink + window  # every row's sinks + window
+        self.pin = n_sink if pin is None else pin  # the sinks of the rows this layout starts
+        if not 0 <= self.pin < self.total:
+            raise ValueError(f"a stream's sinks ({self.pin}) must leave room for a window in {self.total} slots")
+        self.max_pin = max(n_sink, self.pin)  # the sink buffers' slots
         self.cap = self.capacity()
         self.reset()
 
     def capacity(self) -> int:
-        return self.n_sink + self.window
+        return self.total
+
+    def new_row(self) -> Row:
+        return Row(pin=self.pin)
+
+    def window_of(self, r: Row) -> int:
+        """The row's window: what its sinks leave of the layout's slots."""
+        return self.total - r.pin
 
     def reset(self) -> None:
         self.rows: list[Row] = []
@@ -116,8 +130,8 @@ class Layout:
         self.set_buffers({
             "keys": torch.zeros(*lay, self.cap, dim, **kw),
             "values": torch.zeros(*lay, self.cap, value_dim, **kw),
-            "sink_keys": torch.zeros(*lay, self.n_sink, dim, **kw),
-            "sink_values": torch.zeros(*lay, self.n_sink, value_dim, **kw),
+            "sink_keys": torch.zeros(*lay, self.max_pin, dim, **kw),
+            "sink_values": torch.zeros(*lay, self.max_pin, value_dim, **kw),
         })  # fmt: skip
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -126,6 +140,7 @@ class Layout:
     def set_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in BUFFERS:
             setattr(self, name, tensors[name])
+        self.max_pin = tensors["sink_keys"].shape[-2]
         # each layer's slices, made once for the fused decode step, which reads them for every layer under
         # no_grad (writes that autograd tracks, in a forward with gradients on, take fresh slices: ``layer``)
         self.per_layer = [tuple(tensors[name][i] for name in BUFFERS) for i in range(self.n_layers)]
@@ -143,8 +158,14 @@ class Layout:
 
     @classmethod
     def joined(cls, parts: list[Layout]) -> dict[str, torch.Tensor]:
-        """The buffers of ``parts``' rows, in order, as one batch."""
-        return {name: torch.cat([getattr(p, name) for p in parts], dim=1) for name in BUFFERS}
+        """The buffers of ``parts``' rows, in order, as one batch (sink buffers padded to the widest)."""
+        width = max(p.max_pin for p in parts)
+
+        def padded(t: torch.Tensor, name: str) -> torch.Tensor:
+            short = width - t.shape[-2] if name.startswith("sink") else 0
+            return torch.nn.functional.pad(t, (0, 0, 0, short)) if short else t
+
+        return {name: torch.cat([padded(getattr(p, name), name) for p in parts], dim=1) for name in BUFFERS}
 
     # -- views of the rows --------------------------------------------------------------------------------
     def uniform(self) -> bool:
@@ -161,7 +182,7 @@ class Layout:
     def valid(self, r: Row, lo: int, hi: int) -> torch.Tensor:
         """Bool [hi - lo]: which returned slots hold row r's tokens."""
         idx = torch.arange(lo, hi)
-        return (idx < r.n_sinks) | ((idx >= self.n_sink) & (idx < self.n_sink + r.n_window))
+        return (idx < r.n_sinks) | ((idx >= r.pin) & (idx < r.pin + r.n_window))
 
     def after(self, q: int) -> list[Row]:
         """The rows' counters after feeding q tokens to each (pure)."""
@@ -199,16 +220,17 @@ class Layout:
                 "SinkCache rows hold streams of different lengths: feed them one token per row, with "
                 "cache.position_ids() and cache.attention_mask() (sinkstream's engine does)"
             )
-        if self.bounded_chunks and self.rows and q - self.split(self.rows[0], q)[0] > self.window:
+        window = self.window_of(self.rows[0]) if self.rows else self.window
+        if self.bounded_chunks and self.rows and q - self.split(self.rows[0], q)[0] > window:
             raise ValueError(
-                f"SinkCache got a chunk of {q} tokens for a window of {self.window}: feed long inputs in "
-                f"chunks of at most {self.window} tokens (sinkstream's engine does)"
+                f"SinkCache got a chunk of {q} tokens for a window of {window}: feed long inputs in "
+                f"chunks of at most {window} tokens (sinkstream's engine does)"
             )
 
     # -- advancing ----------------------------------------------------------------------------------------
     def split(self, r: Row, q: int) -> tuple[int, int]:
         """How many of q new tokens become sinks, and how many enter the window."""
-        to_sinks = min(q, self.n_sink - r.n_sinks)
+        to_sinks = min(q, r.pin - r.n_sinks)
         return to_sinks, q - to_sinks
 
     def _take_sinks(self, r: Row, q: int) -> tuple[int, int]:
@@ -216,7 +238,7 @@ class Layout:
         to_sinks, w = self.split(r, q)
         if to_sinks and r.n_sinks == 0:
             r.sink_pos = r.seen - r.shift
-            r.start = self.n_sink
+            r.start = r.pin
         r.n_sinks += to_sinks
         r.seen += q
         return to_sinks, w
@@ -239,7 +261,7 @@ class Layout:
     def begin(self, batch: int, q: int, device) -> ForwardPlan:
         """Advance every row by q tokens: the plan this forward's layers follow."""
         if not self.rows:
-            self.rows = [Row() for _ in range(batch)]
+            self.rows = [self.new_row() for _ in range(batch)]
         self.check_chunk(q)
         plan = ForwardPlan(q)
         if q > 1:
@@ -251,7 +273,7 @@ class Layout:
             plan.kept, src = self.advance_row(r, q)
             if q == 1:
                 slots.append(self.slot_of_new(before, r))
-                if before.n_sinks < self.n_sink:
+                if before.n_sinks < before.pin:
                     plan.sink_rows.append(b)
             if src >= 0:
                 plan.compact.append((b, src, plan.kept))
@@ -264,8 +286,6 @@ class Layout:
                 plan.slots = torch.tensor(slots, device=device)
         if plan.moved:
             plan.rot_all = len(plan.moved) == len(self.rows)
-            if not plan.rot_all:
-                plan.rot_rows = torch.tensor(plan.moved, device=device)
             if deltas:
                 plan.cos, plan.sin = self.rope.cos_sin(deltas, device)
         self.plan = plan
@@ -342,16 +362,17 @@ class Layout:
 
 
 class RingLayout(Layout):
-    """Full-attention RoPE layers: sinks, then a ring window (see the module docstring)."""
+    """Full-attention RoPE layers: sinks, then a ring window (see the module docstring). A row's ring
+    starts after its own sinks: slots [pin, total)."""
 
     kind = "rope"
-    window_base = property(lambda self: self.n_sink)  # the ring's first slot
 
     def advance_row(self, r: Row, q: int) -> tuple[int, int]:
         _, w = self._take_sinks(r, q)
-        kept = min(r.n_window, self.window - w)
-        if q == 1 and w and r.n_window == self.window:
-            r.head = (r.head + 1) % self.window
+        window = self.window_of(r)
+        kept = min(r.n_window, window - w)
+        if q == 1 and w and r.n_window == window:
+            r.head = (r.head + 1) % window
         elif q == 1:
             r.n_window += w
         else:
@@ -359,11 +380,12 @@ class RingLayout(Layout):
         return kept, -1
 
     def slot_of_new(self, before: Row, after: Row) -> int:
-        if before.n_sinks < self.n_sink:
+        if before.n_sinks < before.pin:
             return before.n_sinks
-        if before.n_window < self.window:
-            return self.n_sink + (before.head + before.n_window) % self.window
-        return self.n_sink + before.head
+        window = self.window_of(before)
+        if before.n_window < window:
+            return before.pin + (before.head + before.n_window) % window
+        return before.pin + before.head
 
     def _moved(self, plan, b, before, r, src, deltas) -> None:
         target = self.sink_target(r)
@@ -374,7 +396,7 @@ class RingLayout(Layout):
 
     def _in_order(self, t: torch.Tensor, old: Row) -> torch.Tensor:
         """The window of one layer's buffer (all rows alike), oldest first."""
-        win = t[:, :, self.window_base : self.window_base + self.window]
+        win = t[:, :, old.pin : old.pin + self.window_of(old)]
         if old.head:
             win = torch.cat([win[:, :, old.head :], win[:, :, : old.head]], dim=-2)
         return win[:, :, : old.n_window]
@@ -388,9 +410,9 @@ class RingLayout(Layout):
 
     def _append_window(self, i: int, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
         new_k, new_v = self._joined(i, plan, k, v)  # laid out in order, so the chunk's causal mask holds
-        n = plan.kept + k.shape[-2]
-        self.keys[i, :, :, self.n_sink : self.n_sink + n] = new_k
-        self.values[i, :, :, self.n_sink : self.n_sink + n] = new_v
+        n, pin = plan.kept + k.shape[-2], plan.old.pin
+        self.keys[i, :, :, pin : pin + n] = new_k
+        self.values[i, :, :, pin : pin + n] = new_v
         return None
 
     def _place_sinks(self, i: int, plan: ForwardPlan) -> None:
@@ -401,30 +423,45 @@ class RingLayout(Layout):
                 "SinkCache needs the model config to re-position sinks: SinkCache(..., config=model.config)"
             )
         keys, sink_keys = self.keys[i], self.sink_keys[i]
-        if plan.rot_all:
-            keys[:, :, : self.n_sink] = self.rope.rotate(sink_keys, plan.cos, plan.sin)
-        else:
-            rows = plan.rot_rows
-            keys[rows, :, : self.n_sink] = self.rope.rotate(sink_keys[rows], plan.cos, plan.sin)
+        for pin, rows, at in self._by_pin(plan.moved, plan.rot_all):
+            cos, sin = (plan.cos, plan.sin) if at is None else (plan.cos[at], plan.sin[at])
+            if rows is None:
+                keys[:, :, :pin] = self.rope.rotate(sink_keys[:, :, :pin], cos, sin)
+            else:
+                keys[rows, :, :pin] = self.rope.rotate(sink_keys[rows, :, :pin], cos, sin)
+
+    def _by_pin(self, rows: list[int], every: bool):
+        """Groups of ``rows`` with the same sinks: (pin, their row indices or None for every row of the
+        batch, their positions in ``rows`` or None for all of them)."""
+        pins = sorted({self.rows[b].pin for b in rows})
+        device = self.keys.device
+        if len(pins) == 1:
+            yield pins[0], None if every else torch.tensor(rows, device=device), None
+            return
+        for pin in pins:
+            at = [j for j, b in enumerate(rows) if self.rows[b].pin == pin]
+            yield pin, torch.tensor([rows[j] for j in at], device=device), torch.tensor(at, device=device)
 
     def rotate_rows(self, amounts: list[int]) -> None:
         """Re-rotate each row's window by ``-amounts[b]`` and re-place its sinks, every layer at once."""
         if not self.initialized:
             return
         rows = [b for b, a in enumerate(amounts) if a]
-        device = self.keys.device
-        cos, sin = self.rope.cos_sin([-amounts[b] for b in rows], device)
-        base, idx = self.window_base, torch.tensor(rows, device=device)
-        win = self.keys[:, idx, :, base : base + self.window]  # [L, R, H, window, D]
-        self.keys[:, idx, :, base : base + self.window] = self.rope.rotate(win, cos, sin)
-        if self.n_sink:
-            deltas = [self.sink_target(self.rows[b]) or 0 for b in rows]
-            cos, sin = self.rope.cos_sin(deltas, device)
-            self.keys[:, idx, :, : self.n_sink] = self.rope.rotate(self.sink_keys[:, idx], cos, sin)
+        cos, sin = self.rope.cos_sin([-amounts[b] for b in rows], self.keys.device)
+        targets = [self.sink_target(self.rows[b]) or 0 for b in rows]
+        sink_cos, sink_sin = self.rope.cos_sin(targets, self.keys.device)
+        for pin, idx, at in self._by_pin(rows, every=False):
+            c, s = (cos, sin) if at is None else (cos[at], sin[at])
+            win = self.keys[:, idx, :, pin : self.total]  # [L, R, H, window, D]
+            self.keys[:, idx, :, pin : self.total] = self.rope.rotate(win, c, s)
+            if pin:
+                c, s = (sink_cos, sink_sin) if at is None else (sink_cos[at], sink_sin[at])
+                self.keys[:, idx, :, :pin] = self.rope.rotate(self.sink_keys[:, idx, :, :pin], c, s)
 
     def contents(self, i: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r = self.rows[row]
-        order = [(r.head + j) % self.window + self.window_base for j in range(r.n_window)]
+        window = self.window_of(r)
+        order = [(r.head + j) % window + r.pin for j in range(r.n_window)]
         idx = torch.tensor(list(range(r.n_sinks)) + order, dtype=torch.long, device=self.keys.device)
         k, v = self.keys[i, row : row + 1, :, idx], self.values[i, row : row + 1, :, idx]  # copies
         target = self.sink_target(r)
@@ -442,7 +479,6 @@ class SlidingLayout(RingLayout):
     kind = "sliding"
     is_sliding = True
     bounded_chunks = False  # a chunk attends to the layer's own window - 1 keys and to itself
-    window_base = property(lambda self: 0)
 
     def advance_row(self, r: Row, q: int) -> tuple[int, int]:
         _, w = self._take_sinks(r, q)
@@ -454,8 +490,6 @@ class SlidingLayout(RingLayout):
         return kept, -1
 
     def slot_of_new(self, before: Row, after: Row) -> int:
-        if before.n_sinks < self.n_sink:
-            return before.n_sinks
         return (before.head + before.n_window) % self.window if before.n_window < self.window else before.head
 
     def _moved(self, plan, b, before, r, src, deltas) -> None:
@@ -480,12 +514,12 @@ class AlibiLayout(Layout):
     masks_per_row = True  # ALiBi models build their bias from the 2D mask of each row
 
     def capacity(self) -> int:
-        return self.n_sink + 2 * self.window
+        return 2 * self.total  # a row's pin + twice its window, whatever the pin
 
     def span(self, r: Row) -> tuple[int, int]:
-        if r.n_sinks < self.n_sink or r.n_window == 0:
+        if r.n_sinks < r.pin or r.n_window == 0:
             return 0, r.n_sinks
-        return r.start - self.n_sink, r.start + r.n_window
+        return r.start - r.pin, r.start + r.n_window
 
     def valid(self, r: Row, lo: int, hi: int) -> torch.Tensor:
         idx = torch.arange(lo, hi)
@@ -501,16 +535,16 @@ class AlibiLayout(Layout):
 
     def advance_row(self, r: Row, q: int) -> tuple[int, int]:
         _, w = self._take_sinks(r, q)
-        kept = min(r.n_window, self.window - w)
+        kept = min(r.n_window, self.window_of(r) - w)
         src = -1
         r.start += r.n_window - kept
         if w and r.start + kept + w > self.cap:
-            src, r.start = r.start, self.n_sink
+            src, r.start = r.start, r.pin
         r.n_window = kept + w
         return kept, src
 
     def slot_of_new(self, before: Row, after: Row) -> int:
-        if before.n_sinks < self.n_sink:
+        if before.n_sinks < before.pin:
             return before.n_sinks
         return after.start + after.n_window - 1
 
@@ -520,9 +554,10 @@ class AlibiLayout(Layout):
 
     def _before_write(self, i: int, plan: ForwardPlan) -> None:
         for b, src, n in plan.compact:  # the block reached the end of the buffer: move it to the front
+            pin = self.rows[b].pin
             for t, sinks in ((self.keys, self.sink_keys), (self.values, self.sink_values)):
-                t[i, b, :, self.n_sink : self.n_sink + n] = t[i, b, :, src : src + n].clone()
-                t[i, b, :, : self.n_sink] = sinks[i, b]
+                t[i, b, :, pin : pin + n] = t[i, b, :, src : src + n].clone()
+                t[i, b, :, :pin] = sinks[i, b, :, :pin]
 
     def _append_window(self, i: int, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor):
         r = self.rows[0]
@@ -534,9 +569,10 @@ class AlibiLayout(Layout):
     def _place_sinks(self, i: int, plan: ForwardPlan) -> None:
         """Copy the moved rows' sinks right before their window's new start."""
         for b in plan.moved:
-            lo = self.span(self.rows[b])[0]
-            self.keys[i, b, :, lo : lo + self.n_sink] = self.sink_keys[i, b]
-            self.values[i, b, :, lo : lo + self.n_sink] = self.sink_values[i, b]
+            r = self.rows[b]
+            lo = self.span(r)[0]
+            self.keys[i, b, :, lo : lo + r.pin] = self.sink_keys[i, b, :, : r.pin]
+            self.values[i, b, :, lo : lo + r.pin] = self.sink_values[i, b, :, : r.pin]
 
     def contents(self, i: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lo, hi = self.span(self.rows[row])

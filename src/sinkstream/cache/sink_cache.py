@@ -13,11 +13,16 @@ from .layouts import BUFFERS, LAYOUTS, DecodeStep, Layout, Row
 FORMAT = 2  # snapshots: one tensor per layout and buffer (format 1: one per layer, still read)
 
 
-def _layout(kind: str, n_sink: int, window: int, config, n_layers: int, kv_dtype) -> Layout:
-    if kind == "sliding":
+def _layout(kind: str, n_sink: int, window: int, config, n_layers: int, kv_dtype, pin) -> Layout:
+    if kind == "sliding":  # no sinks: the model's own window
         return LAYOUTS[kind](0, config.sliding_window, rope_for(config, "sliding_attention"), n_layers, kv_dtype)
     rope = None if kind == "alibi" else rope_for(config, "full_attention")
-    return LAYOUTS[kind](n_sink, window, rope, n_layers, kv_dtype)
+    return LAYOUTS[kind](n_sink, window, rope, n_layers, kv_dtype, pin)
+
+
+def _slots(t: torch.Tensor, cap: int) -> torch.Tensor:
+    """``t`` [..., slots, D] with ``cap`` slots (zeros added at the end)."""
+    return torch.nn.functional.pad(t, (0, 0, 0, cap - t.shape[-2])) if t.shape[-2] < cap else t
 
 
 class SinkLayer(CacheLayerMixin):
@@ -101,10 +106,17 @@ class SinkCache(Cache):
     the rows and the buffers of all its layers; ``layers`` are the per-layer views transformers calls.
     ``main`` is the full-attention layout, whose rows are the streams' counters (tokens seen, cached).
 
+    ``pin``: this stream's sinks are its first ``pin`` tokens instead of ``n_sink`` (a pinned prefix: a
+    system prompt and tools kept for the whole stream), its window what is left of ``n_sink + window``.
+    Rows with different pins may share a batch.
+
     Streaming does not extend the context: a token that left the window is gone.
     """
 
-    def __init__(self, n_sink: int = 4, window: int = 1020, *, config=None, kv_dtype: torch.dtype | None = None):
+    def __init__(
+        self, n_sink: int = 4, window: int = 1020, *, config=None, kv_dtype: torch.dtype | None = None,
+        pin: int | None = None,
+    ):  # fmt: skip
         for name, value in (("n_sink", n_sink), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -118,9 +130,12 @@ class SinkCache(Cache):
                 "SinkCache(n_sink, window, config=model.config)"
             )
         self.n_sink, self.window, self.config, self.kv_dtype = n_sink, window, config, kv_dtype
+        if pin is not None and (isinstance(pin, bool) or not isinstance(pin, int)):
+            raise TypeError(f"pin must be an int, got {pin!r}")
         kinds = layer_kinds(config, n_sink + window)
         self.layouts: dict[str, Layout] = {
-            kind: _layout(kind, n_sink, window, config, kinds.count(kind), kv_dtype) for kind in dict.fromkeys(kinds)
+            kind: _layout(kind, n_sink, window, config, kinds.count(kind), kv_dtype, pin)
+            for kind in dict.fromkeys(kinds)
         }
         views, seen = [], dict.fromkeys(self.layouts, 0)
         for kind in kinds:
@@ -149,6 +164,18 @@ class SinkCache(Cache):
     def tokens_seen(self) -> int:
         """Tokens streamed through the cache so far (unbounded; the longest row of a batch)."""
         return max(self.seen_per_row, default=0)
+
+    @property
+    def pins(self) -> list[int]:
+        """Each row's sinks: its first ``pin`` tokens stay in the cache for the whole stream."""
+        return [r.pin for r in self.main.rows] if self.main.rows else [self.main.pin]
+
+    def prefill_chunk(self, most: int | None = None) -> int:
+        """The most tokens to feed a one-row stream in one forward: a chunk evicts its own length before
+        it is attended, so half of the row's window (what its sinks leave of the cache) keeps at least
+        that much context; ``most`` (a configured chunk) instead, at most the whole window."""
+        window = self.n_sink + self.window - self.pins[0]
+        return min(most or max(1, window // 2), window)
 
     @property
     def tokens_cached(self) -> int:
@@ -243,10 +270,12 @@ class SinkCache(Cache):
         if meta["format"] == 1:
             tensors = out._per_layout(tensors)
         for kind, layout in out.layouts.items():
-            layout.rows = [Row(**r) for r in kinds[kind]["rows"]]
+            layout.rows = [Row(**{"pin": layout.n_sink, **r}) for r in kinds[kind]["rows"]]  # format 1: no pins
             if all(f"{kind}.{name}" in tensors for name in BUFFERS):
-                # own, aligned memory
-                layout.set_buffers({n: tensors[f"{kind}.{n}"].to(device=device, copy=True) for n in BUFFERS})
+                # own, aligned memory; an ALiBi snapshot from before pins had fewer slots: the rest are free
+                layout.set_buffers({n: _slots(tensors[f"{kind}.{n}"].to(device=device, copy=True), layout.cap)
+                                    if n in ("keys", "values") else tensors[f"{kind}.{n}"].to(device=device, copy=True)
+                                    for n in BUFFERS})  # fmt: skip
         return out
 
     def _per_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -268,14 +297,15 @@ class SinkCache(Cache):
         if set(self.layouts) != {"rope"}:
             raise ValueError("advance_decode is for caches whose layers are all RoPE sink layers")
         layout = self.layouts["rope"]
-        step = DecodeStep([], [], [], [])
+        step = DecodeStep([], [], [], [], [])
         for r in layout.rows:
             before = copy.copy(r)
             step.positions.append(r.seen - r.shift)
             layout.advance_row(r, 1)
             step.slots.append(layout.slot_of_new(before, r))
             step.sink_positions.append(step.positions[-1] - (layout.sink_target(r) or 0))
-            step.lengths.append(self.n_sink + r.n_window if r.n_window else r.n_sinks)
+            step.lengths.append(r.pin + r.n_window if r.n_window else r.n_sinks)
+            step.sinks.append(r.pin)
             r.sink_delta = None
         return step
 
@@ -286,7 +316,7 @@ class SinkCache(Cache):
     def init_rows(self, batch: int, heads: int, head_dim: int, dtype, device) -> None:
         """Empty rows and buffers for ``batch`` rows (what the first transformers forward would make)."""
         for layout in self.layouts.values():
-            layout.rows = [Row() for _ in range(batch)]
+            layout.rows = [layout.new_row() for _ in range(batch)]
             layout.allocate(batch, heads, head_dim, head_dim, dtype, device)
 
     def rebase_due(self, q: int) -> bool:

@@ -10,7 +10,9 @@ import sys
 from .options import (
     CHAT_SAMPLING,
     add_common,
+    add_pin,
     check_cache_options,
+    check_pin,
     constraints_for,
     engine_for,
     print_stats,
@@ -25,10 +27,12 @@ def add_parser(sub) -> None:
     c.add_argument("--prompts", default=None, help="file with one user message per line (scripted rounds)")
     c.add_argument("--system", default=None, help="system message")
     add_common(c, sampling=CHAT_SAMPLING)
+    add_pin(c, "the system prompt")
 
 
 def validate(args) -> None:
     check_cache_options(args)
+    check_pin(args)
     args.params = sampling_params(args)
     read_json_schema(args)  # readable JSON before the model loads
 
@@ -39,15 +43,21 @@ def run(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     engine, params = engine_for(args)
     args.constraints = constraints_for(engine, args)
-    session = ChatSession(engine, system=args.system)
+    session = ChatSession(engine, system=args.system, pin=args.pin, on_warning=warn)
     if prompts:
         for i, message in enumerate(prompts, 1):
-            print(f"\n### round {i} · user: {message}\n### assistant: ", end="", flush=True)
+            print(f"\n### round {i} · user: {message}", flush=True)
+            session.pin_first_turn(message)
+            print("### assistant: ", end="", flush=True)
             _answer(session, message, params, args.constraints)
             print(f"[seen {engine.tokens_seen} · cached {engine.tokens_cached}]", flush=True)
         print_stats(engine, args, {"rounds": len(prompts)})
         return 0
     return _repl(session, params, args)
+
+
+def warn(message: str) -> None:
+    print(f"sinkstream: {message}", file=sys.stderr, flush=True)
 
 
 def _answer(session, message, params, constraints=None) -> None:
@@ -100,6 +110,7 @@ def _repl(session, params, args) -> int:
             if cmd == "/stats":
                 print(json.dumps(session.engine.summary() | {"turns": session.turns}), file=sys.stderr)
                 continue
+            session.pin_first_turn(message)
             print("bot> ", end="", flush=True)
             _answer(session, message, params, args.constraints)
     finally:

@@ -23,6 +23,7 @@ from .options import (
     load_model_for,
     model_name,
     np_save,
+    pin_option,
     read_text,
     slug,
     text_ids,
@@ -80,6 +81,9 @@ def _add_others(evs) -> None:
     se.add_argument("--lines", type=int, default=400, help="lines streamed (default 400, 10 per turn)")
     se.add_argument("--back", default="5-40", help="how many lines back each question asks, MIN-MAX (default 5-40)")
     se.add_argument("--seed", type=int, default=0, help="seed of the generated lines and questions")
+    se.add_argument("--instruction", choices=["user", "system"], default="user",
+                    help="the instruction opens the first message (default, the paper's) or is the system prompt")  # fmt: skip
+    add_eval_pin(se)
     add_eval_outputs(se, "out/eval-streameval")
     st = evs.add_parser(
         "stability",
@@ -97,7 +101,22 @@ def _add_others(evs) -> None:
     ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     ch.add_argument("--dense", choices=["yes", "no"], default="yes", help="also run the dense baseline (default yes)")
     ch.add_argument("--max-rss-mb", type=float, default=None, help="dense baseline: stop when RSS passes this")
+    add_eval_pin(ch)
     add_eval_outputs(ch, "out/eval-chat")
+    fa = evs.add_parser(
+        "facts", help="facts in the system prompt asked again and again over a long chat: --pin vs the sinks alone"
+    )
+    fa.add_argument("--turns", type=int, default=200, help="user turns (default 200)")
+    fa.add_argument("--every", type=int, default=4, help="a question about a fact every N turns (default 4)")
+    fa.add_argument("--max-new-tokens", type=int, default=128, help="tokens per filler answer (default 128)")
+    fa.add_argument("--answer-tokens", type=int, default=32, help="tokens per answer to a fact (default 32)")
+    fa.add_argument("--pin", type=pin_option, default="auto", help="the pinned chat's --pin (default auto)")
+    add_eval_outputs(fa, "out/eval-facts")
+
+
+def add_eval_pin(p) -> None:
+    p.add_argument("--pin", type=pin_option, default="none",
+                   help="keep the system prompt in the cache: none (default: the paper's sinks) | auto | N")  # fmt: skip
 
 
 def validate(args) -> None:
@@ -108,6 +127,13 @@ def validate(args) -> None:
         raise UsageError(f"--sink ({args.sink}) must be <= --window ({args.window})")
     if getattr(args, "book", None) is not None and getattr(args, "corpus", None) is None:
         raise UsageError("--book needs --corpus gutenberg")
+    if isinstance(getattr(args, "pin", None), int) and args.pin >= args.sink + args.window:
+        raise UsageError(f"--pin {args.pin} leaves no window in a {args.sink + args.window}-token cache")
+    if args.eval_command == "facts":
+        for name, least in (("turns", 1), ("every", 1), ("max_new_tokens", 1), ("answer_tokens", 1)):
+            if getattr(args, name) < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+        return
     if args.eval_command == "chat":
         if not 1 <= args.questions <= 80:
             raise UsageError(f"--questions must be in 1..80, got {args.questions}")
@@ -164,8 +190,41 @@ def run(args) -> int:
         "sweep": run_sweep,
         "streameval": run_streameval,
         "chat": run_chat,
+        "facts": run_facts,
         "stability": run_stability,
     }[args.eval_command](args)
+
+
+def run_facts(args) -> int:
+    from ..engine import Engine
+    from ..eval import facts
+    from ..eval.data import mt_bench_questions
+
+    model, tok = load_model_for(args, args.attn)
+    try:
+        fillers = [text for q in mt_bench_questions() for text in q["turns"]]
+    except Exception as e:
+        raise UsageError(f"cannot fetch MT-Bench ({e})") from None
+    pins = {f"pin {args.pin}": args.pin, "pin none": "none"}
+    engines = {label: Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode,
+                             kv_dtype=kv_dtype(args)) for label in pins}  # fmt: skip
+    messages = facts.script(fillers, args.turns, args.every)
+    records = facts.run_facts(engines, pins, messages, filler_tokens=args.max_new_tokens,
+                              answer_tokens=args.answer_tokens, progress=not args.no_progress)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "answers.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    capacity = args.sink + args.window
+    result = facts.summarize(records, engines, capacity)
+    name = model_name(args)
+    (out / "facts.md").write_text(f"# Facts in the system prompt: {name}, cache {args.sink}+{args.window}, "
+                                  f"{args.turns} turns\n\n{facts.markdown(result)}")  # fmt: skip
+    summary = {"command": "eval facts", "model": name, "n_sink": args.sink, "window": args.window,
+               "turns": args.turns, "every": args.every, "system_prompt": facts.system_prompt(), "chats": result,
+               "files": ["answers.jsonl", "facts.md"]}  # fmt: skip
+    return finish(summary, out, args)
 
 
 def run_stability(args) -> int:
@@ -234,6 +293,7 @@ def run_chat(args) -> int:
             "questions": len(questions),
             "turns": 2 * len(questions),
             "max_new_tokens": args.max_new_tokens,
+            "pin": args.pin,
             "runs": {},
         },
     )
@@ -252,6 +312,7 @@ def run_chat(args) -> int:
             max_positions=max_pos,
             max_rss_mb=args.max_rss_mb if dense else None,
             progress=not args.no_progress,
+            pin=args.pin,
         )
         runs[label] = records
         with open(out / f"answers_{slug(label)}.jsonl", "w") as f:
@@ -280,7 +341,8 @@ def run_streameval(args) -> int:
 
     model, tok = load_model_for(args, args.attn)
     engine = Engine(model, tok, n_sink=args.sink, window=args.window, decode=args.decode, kv_dtype=kv_dtype(args))
-    records = stream(engine, args.lines, back=args.back_range, seed=args.seed, progress=not args.no_progress)
+    records = stream(engine, args.lines, back=args.back_range, seed=args.seed, progress=not args.no_progress,
+                     pin=args.pin, instruction=args.instruction)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "answers.jsonl", "w") as f:
@@ -294,6 +356,9 @@ def run_streameval(args) -> int:
         "window": args.window,
         "lines": args.lines,
         "back": args.back,
+        "instruction": args.instruction,
+        "pin": args.pin,
+        "tokens_pinned": engine.cache.pins[0],
     } | summarize(records, args.sink, args.window)
     summary["tokens_seen"] = engine.tokens_seen
     plot_accuracy(

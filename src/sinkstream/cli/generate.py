@@ -8,7 +8,9 @@ import sys
 from .options import (
     UsageError,
     add_common,
+    add_pin,
     check_cache_options,
+    check_pin,
     constraints_for,
     engine_for,
     print_stats,
@@ -27,10 +29,12 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_common(g)
+    add_pin(g, "the start of the prompt (with --chat: the system prompt; without: N tokens of the prompt)")
 
 
 def validate(args) -> None:
     check_cache_options(args)
+    check_pin(args)
     args.params = sampling_params(args)
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty")
@@ -47,12 +51,31 @@ def _prompt_ids(engine, text: str, chat: bool) -> list[int]:
     return engine.tokenizer(ChatSession(engine).new_turn_text(text), add_special_tokens=False).input_ids
 
 
+def _prompt_pin(engine, ids: list[int], args) -> int:
+    """The sinks of a prompt's stream: with --chat what its template puts before the message, as in a chat;
+    without, --pin N pins the prompt's first N tokens (auto: the plain sinks, a prompt has no system part)."""
+    from ..chat import Conversation
+    from ..pinning import choose, prefix_tokens
+    from .chat import warn
+
+    if args.chat:
+        conversation = Conversation(messages=[{"role": "user", "content": "?"}])
+        prefix, what = prefix_tokens(engine.tokenizer, conversation, ids), "the chat template's preamble"
+    else:
+        prefix, what = (len(ids) if isinstance(args.pin, int) else 0), "the prompt"
+    pinned = choose(prefix, engine.n_sink, engine.window, args.pin, what)
+    if pinned.warning:
+        warn(pinned.warning)
+    return pinned.tokens
+
+
 def _run_batch(args) -> int:
     engine, params = engine_for(args)
     ids = [_prompt_ids(engine, p, args.chat) for p in args.prompts]
     make = constraints_for(engine, args)
     texts, tokens = [""] * len(ids), [0] * len(ids)
-    for row, tok in engine.generate_batch(ids, params, [make() for _ in ids] if make else None):
+    pins = [_prompt_pin(engine, row, args) for row in ids]
+    for row, tok in engine.generate_batch(ids, params, [make() for _ in ids] if make else None, pins):
         texts[row] += tok.text
         tokens[row] += tok.id >= 0
     for i, (prompt, text) in enumerate(zip(args.prompts, texts), 1):
@@ -73,9 +96,12 @@ def run(args) -> int:
     if args.chat:
         from ..chat import ChatSession
 
-        pieces = ChatSession(engine).send(args.prompt, params, constraint)
+        from .chat import warn
+
+        pieces = ChatSession(engine, pin=args.pin, on_warning=warn).send(args.prompt, params, constraint)
     else:
         ids = engine.tokenizer(args.prompt).input_ids
+        engine.reset(_prompt_pin(engine, ids, args))
         pieces = (t.text for t in engine.generate(ids, params, constraint))
     wrote = False
     for piece in pieces:

@@ -37,6 +37,33 @@ def positive_int(name):
     return parse
 
 
+def pin_option(text: str):
+    """``--pin``: auto, none or a number of tokens."""
+    from ..pinning import parse_pin
+
+    try:
+        return parse_pin(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_pin(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--pin",
+        type=pin_option,
+        default="auto",
+        help=f"keep {what} in the cache for the whole conversation: auto (default: when it fits in a quarter "
+        "of the cache, else only the sinks, with a warning) | none (only the sinks) | N (at most N tokens)",
+    )
+
+
+def check_pin(args) -> None:
+    """A number of pinned tokens leaves room for a window."""
+    total = args.sink + args.window
+    if isinstance(args.pin, int) and args.pin >= total:
+        raise UsageError(f"--pin {args.pin} leaves no window in a {total}-token cache (--sink + --window)")
+
+
 def add_text_source(p: argparse.ArgumentParser, required: bool) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--text", help="UTF-8 text file to stream")

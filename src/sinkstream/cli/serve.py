@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from ..extras import need
-from .options import UsageError, add_model_and_cache, check_cache_options, model_name
+from .options import UsageError, add_model_and_cache, add_pin, check_cache_options, check_pin, model_name
 
 DEFAULT_STATE = "~/.local/state/sinkstream"
 
@@ -17,6 +17,7 @@ DEFAULT_STATE = "~/.local/state/sinkstream"
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible server with endless, persistent chat sessions")
     add_model_and_cache(s)
+    add_pin(s, "each conversation's system prompt and tools (a request's 'pin' field chooses for its conversation)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument(
@@ -127,6 +128,7 @@ def validate(args) -> None:
     for module in ("fastapi", "uvicorn", "prometheus_client", "xgrammar"):
         need(module, "server")
     check_cache_options(args)
+    check_pin(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.default_max_tokens is None:
@@ -211,6 +213,7 @@ def server_config(args):
         max_queue=args.max_queue,
         n_sink=args.sink,
         window=args.window,
+        pin=args.pin,
         state_dir=args.state_dir,
         store_url=args.store,
         snapshot_dir=args.snapshot_dir,
@@ -261,7 +264,7 @@ def run(args) -> int:
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     )
     print(
-        f"sinkstream serve: model {config.model_name}, cache {args.sink}+{args.window}, state {args.state_dir}",
+        f"sinkstream serve: model {config.model_name}, cache {args.sink}+{args.window}, pin {args.pin}, state {args.state_dir}",
         file=sys.stderr,
         flush=True,
     )

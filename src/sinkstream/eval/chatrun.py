@@ -22,12 +22,13 @@ def run_chat(
     max_positions: int | None = None,
     max_rss_mb: float | None = None,
     progress: bool = True,
+    pin: str | int = "none",
 ) -> tuple[list[dict], str]:
     """(one record per turn, why it ended). ``max_positions``/``max_rss_mb`` stop the run before a turn
     that would break them (the dense baseline); streaming passes neither."""
     from tqdm import tqdm
 
-    chat = ChatSession(engine)
+    chat = ChatSession(engine, pin=pin)
     turns = [(q["question_id"], i, text) for q in questions for i, text in enumerate(q["turns"])]
     records, ended = [], "all turns answered"
     for qid, i, text in tqdm(turns, disable=not progress, desc="dense" if engine.dense else "streaming"):

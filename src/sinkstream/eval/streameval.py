@@ -77,14 +77,18 @@ def run_streameval(
     seed: int = 0,
     max_new_tokens: int = 32,
     progress: bool = True,
+    pin: str | int = "none",
+    instruction: str = "user",
 ) -> list[dict]:
     """Stream ``n_lines`` lines, ``per_turn`` per turn; after each turn ask about a line ``back`` lines ago
-    (uniform in the range, when it exists). Returns one record per question."""
+    (uniform in the range, when it exists). Returns one record per question. The instruction opens the
+    first user message (``user``, the paper's setting) or is the system prompt (``system``), which
+    ``pin`` may keep in the cache (``ChatSession``)."""
     from tqdm import tqdm
 
     rng = random.Random(seed + 1)
     lines = make_lines(n_lines, seed)
-    chat = ChatSession(engine)
+    chat = ChatSession(engine, system=INSTRUCTION if instruction == "system" else None, pin=pin)
     tok = engine.tokenizer
     start_token: dict[int, int] = {}  # line index -> tokens seen when the line starts (approximately)
     records = []
@@ -95,7 +99,7 @@ def run_streameval(
         if ask < 0:
             ask = rng.randint(0, block[-1].index)
         target = lines[ask]
-        head = (INSTRUCTION + "\n\n") if t == 0 else ""
+        head = (INSTRUCTION + "\n\n") if t == 0 and instruction == "user" else ""
         body = "\n".join(x.text() for x in block)
         question = f"\n\nQuestion: what is the REGISTER_CONTENT of line {target.name}? Answer with the number only."
         message = head + body + question

@@ -434,8 +434,11 @@ template <class T>
 void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor& Ks, at::Tensor& Vs,
                  const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& cos, const at::Tensor& sin,
                  int64_t H, const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
-                 double norm_eps, double scale, at::Tensor& out) {
+                 double norm_eps, double scale, const c10::optional<at::Tensor>& sinks, at::Tensor& out) {
   const int64_t B = K.size(0), KV = K.size(1), cap = K.size(2), D = K.size(3), NS = Ks.size(2);
+  const int64_t* sink_p = sinks ? sinks->data_ptr<int64_t>() : nullptr;  // each row's sink slots (its pin)
+  auto sinks_of = [&](int64_t b) { return sink_p ? sink_p[b] : NS; };
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sinks_of(b) >= 0 && sinks_of(b) <= NS, "sinks out of range");
   const int64_t G = H / KV, rot = cos.size(-1);
   const int64_t stride_qkv = qkv.size(1);
   const float* qkv_p = qkv.data_ptr<float>();
@@ -471,7 +474,7 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor
       const float* v = row + (H + KV + h) * D;
       store_kv(Kp + ((b * KV + h) * cap + slot) * D, kbuf.data(), D);
       store_kv(Vp + ((b * KV + h) * cap + slot) * D, v, D);
-      if (slot < NS) {  // the token is a sink: kept as computed, never re-rotated
+      if (slot < sinks_of(b)) {  // the token is a sink: kept as computed, never re-rotated
         store_kv(Ksp + ((b * KV + h) * NS + slot) * D, kbuf.data(), D);
         store_kv(Vsp + ((b * KV + h) * NS + slot) * D, v, D);
       }
@@ -504,7 +507,8 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor
       for (int64_t g = 0; g < G; ++g) {
         const float* qw = q.data() + ((b * H + h * G + g) * 2) * D;
         const float* qs = qw + D;
-        const int64_t w0 = std::max(j0, NS);  // the window's slots in this chunk: [w0, j1)
+        const int64_t ns = sinks_of(b);
+        const int64_t w0 = std::max(j0, std::min(ns, j1));  // the window's slots in this chunk: [w0, j1)
         for (int64_t j = j0; j < w0; ++j) s[j - j0] = dot(qs, ksh + j * D, D);
         scores(qw, kh + w0 * D, j1 - w0, D, s.data() + (w0 - j0));
         float mx = -std::numeric_limits<float>::infinity();
@@ -513,7 +517,7 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor
         float sum = 0.f;
         for (int64_t j = 0; j < n; ++j) sum += s[j];
         float* og = part_out.data() + (t * G + g) * D;
-        weighted_sum(s.data(), j0 < NS ? vsh + j0 * D : vh + j0 * D, std::min(w0, j1) - j0, D, og);
+        weighted_sum(s.data(), j0 < ns ? vsh + j0 * D : vh + j0 * D, std::min(w0, j1) - j0, D, og);
         weighted_sum(s.data() + (w0 - j0), vh + w0 * D, j1 - w0, D, og);
         part_mx[t * G + g] = mx;
         part_sum[t * G + g] = sum;
@@ -544,7 +548,7 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, at::Tensor
 at::Tensor attend(const at::Tensor& qkv, at::Tensor K, at::Tensor V, at::Tensor Ks, at::Tensor Vs,
                   const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t H, const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
-                  double norm_eps, double scale) {
+                  double norm_eps, double scale, const c10::optional<at::Tensor>& sinks) {
   TORCH_CHECK(K.dim() == 4 && K.is_contiguous() && V.is_contiguous() && Ks.is_contiguous() && Vs.is_contiguous(),
               "the cache buffers must be contiguous [B, KV, cap, D]");
   TORCH_CHECK(K.sizes() == V.sizes() && Ks.size(2) == Vs.size(2), "keys and values differ in shape");
@@ -559,16 +563,18 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor K, at::Tensor V, at::Tensor 
   TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == 2 && cos.size(2) <= D && cos.size(2) % 2 == 0 &&
               cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat,
               "cos/sin must be [B, 2, rot] float32");
+  TORCH_CHECK(!sinks || (sinks->numel() == B && sinks->scalar_type() == at::kLong && sinks->is_contiguous()),
+              "sinks: one int64 per row");
   auto out = at::empty({B, H * D}, qkv.options());
   switch (K.scalar_type()) {
     case at::kFloat:
-      attend_impl<float>(qkv, K, V, Ks, Vs, slots, lengths, cos, sin, H, q_norm, k_norm, norm_eps, scale, out);
+      attend_impl<float>(qkv, K, V, Ks, Vs, slots, lengths, cos, sin, H, q_norm, k_norm, norm_eps, scale, sinks, out);
       break;
     case at::kHalf:
-      attend_impl<at::Half>(qkv, K, V, Ks, Vs, slots, lengths, cos, sin, H, q_norm, k_norm, norm_eps, scale, out);
+      attend_impl<at::Half>(qkv, K, V, Ks, Vs, slots, lengths, cos, sin, H, q_norm, k_norm, norm_eps, scale, sinks, out);
       break;
     case at::kBFloat16:
-      attend_impl<at::BFloat16>(qkv, K, V, Ks, Vs, slots, lengths, cos, sin, H, q_norm, k_norm, norm_eps, scale, out);
+      attend_impl<at::BFloat16>(qkv, K, V, Ks, Vs, slots, lengths, cos, sin, H, q_norm, k_norm, norm_eps, scale, sinks, out);
       break;
     default:
       TORCH_CHECK(false, "cache dtype must be float32, float16 or bfloat16");
@@ -584,7 +590,7 @@ TORCH_LIBRARY(sinkstream, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("attend(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor(c!) Ks, Tensor(d!) Vs, Tensor slots, Tensor lengths, "
-        "Tensor cos, Tensor sin, int H, Tensor? q_norm, Tensor? k_norm, float norm_eps, float scale) -> Tensor");
+        "Tensor cos, Tensor sin, int H, Tensor? q_norm, Tensor? k_norm, float norm_eps, float scale, Tensor? sinks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sinkstream, CPU, m) {

@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..grammar import Grammars
 from ..models import load_model
+from ..pinning import parse_pin
 from . import openapi
 from .conversations import ConversationsServing
 from .errors import install_error_handlers
@@ -61,6 +62,7 @@ class ServerConfig:
     max_queue: int = 64  # requests that may wait for a place in the batch (then 429)
     n_sink: int = 4
     window: int = 1020
+    pin: str | int = "auto"  # what a new conversation keeps of its beginning (``pinning``), unless it asks
     state_dir: str | Path = "sinkstream-state"
     store_url: str | None = None  # postgresql://… for records shared by replicas (None: SQLite in state_dir)
     snapshot_dir: str | Path | None = None  # None: state_dir/caches
@@ -97,6 +99,9 @@ class ServerConfig:
             raise ValueError("sink, max-sessions and max-queue must be >= 0")
         if not (self.session_wait_s >= 0 and self.session_queue >= 1):  # NaN fails too
             raise ValueError("session-wait must be >= 0 and session-queue >= 1")
+        parse_pin(self.pin)
+        if isinstance(self.pin, int) and self.pin >= self.n_sink + self.window:
+            raise ValueError(f"pin {self.pin} leaves no window in a {self.n_sink + self.window}-token cache")
         if self.keep_turns < 1 or not (self.turns_disk_mb >= 0 and self.turns_memory_mb >= 0):
             raise ValueError("keep-turns must be >= 1, turns-disk-mb and turns-memory-mb >= 0")
 
@@ -148,8 +153,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
                          orphan_grace_s=SHARED_ORPHAN_GRACE_S if config.store_url else 0.0,
                          retention=Retention(config.keep_turns, int(config.turns_disk_mb * 2**20)),
                          kept_memory_bytes=int(config.turns_memory_mb * 2**20))  # fmt: skip
-    chunk = min(config.prefill_chunk or max(1, config.window // 2), config.window)
-    worker = Worker(model, tokenizer, prefill_chunk=chunk, max_batch=config.max_batch, metrics=metrics,
+    worker = Worker(model, tokenizer, prefill_chunk=config.prefill_chunk, max_batch=config.max_batch, metrics=metrics,
                     decode=config.decode)  # fmt: skip
 
     async def lifespan(app):

@@ -138,6 +138,15 @@ class JsonSchemaFormat(_Body):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
+PIN_DOC = (
+    "sinkstream's extra field: how much of the conversation's beginning (its system prompt and tools, as the "
+    "template renders them before the first user message) its cache keeps for good, chosen when the conversation "
+    "starts: auto (when it fits in a quarter of the cache), none (the attention sinks alone) or at most N tokens; "
+    "default: the server's --pin. A conversation resumes only states made with the same choice."
+)
+Pin = Annotated[Literal["auto", "none"] | Int(ge=0) | None, Field(description=PIN_DOC)]
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -177,6 +186,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Int(ge=1) | None = None
     session_id: str | None = Field(default=None, pattern=SESSION_ID)
+    pin: Pin = None
     logprobs: bool = False
     top_logprobs: Int(ge=0, le=20) | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
@@ -298,6 +308,10 @@ class SessionInfo(BaseModel):
     object: Literal["session"] = "session"
     tokens_seen: int
     tokens_cached: int
+    tokens_pinned: int = Field(
+        description="the first tokens of the conversation its cache keeps for good: its pinned prefix (system "
+        "prompt and tools, as the template renders them), or the attention sinks alone"
+    )
     turns: int
     cache_capacity: int
     mode: Literal["new", "resumed", "appended", "continued", "branched", "restarted"] | None = Field(

@@ -88,13 +88,16 @@ CREATE TABLE IF NOT EXISTS replicas (   -- the server processes sharing these re
 REPLICA_FIELDS = ("id", "pid", "host", "started", "seen", "sessions_in_memory", "live_requests")
 TURN_FIELDS = ("key", "lineage", "depth", "tokens", "snapshot", "bytes", "created", "used")
 # added after the first release: a column a store made before gets at start
-ADDED_COLUMNS = (("messages", "digest", "TEXT"),)  # the message's digest in the conversation's chain
+ADDED_COLUMNS = (
+    ("messages", "digest", "TEXT"),  # the message's digest in the conversation's chain
+    ("sessions", "pinned", "INTEGER"),  # the first tokens the session's cache keeps (its pinned prefix)
+)
 
 UPSERT = (
-    "INSERT INTO sessions (id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET updated=excluded.updated, "
+    "INSERT INTO sessions (id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system, pinned) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET updated=excluded.updated, "
     "turns=excluded.turns, tokens_seen=excluded.tokens_seen, tokens_cached=excluded.tokens_cached, "
-    "snapshot=excluded.snapshot"
+    "snapshot=excluded.snapshot, system=excluded.system, pinned=excluded.pinned"
 )
 APPEND = (
     "INSERT INTO messages (session_id, seq, turn, role, content, fed, created, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -117,6 +120,7 @@ class SessionRow:
     tokens_cached: int
     snapshot: str
     system: str | None
+    pinned: int | None = None  # None: written before pinned prefixes
 
 
 @dataclass
@@ -201,7 +205,7 @@ class SqlRecords:
             if row is not None:
                 replaced += self._one(cur, "SELECT snapshot FROM sessions WHERE id = ?", row.id)
                 cur.execute(self._sql(UPSERT), (row.id, row.created, row.updated, row.turns, row.tokens_seen,
-                                                row.tokens_cached, row.snapshot, row.system))  # fmt: skip
+                                                row.tokens_cached, row.snapshot, row.system, row.pinned))  # fmt: skip
                 if rewrite:
                     cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (row.id,))
                 cur.executemany(
@@ -319,7 +323,7 @@ class SqlRecords:
 
     def session(self, sid: str) -> SessionRow | None:
         rows = self._rows(
-            "SELECT id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system FROM sessions "
+            "SELECT id, created, updated, turns, tokens_seen, tokens_cached, snapshot, system, pinned FROM sessions "
             "WHERE id = ?",
             (sid,),
         )

@@ -118,7 +118,7 @@ class ResponsesServing:
         fields = {"messages": messages, "max_tokens": req.max_output_tokens, "session_id": req.conversation_id,
                   "logprobs": req.top_logprobs is not None, "top_logprobs": req.top_logprobs}  # fmt: skip
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty", "parallel_tool_calls", "logit_bias"):  # fmt: skip
+                     "frequency_penalty", "parallel_tool_calls", "logit_bias", "pin"):  # fmt: skip
             if getattr(req, name) is not None:
                 fields[name] = getattr(req, name)
         if req.tools:

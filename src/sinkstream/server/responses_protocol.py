@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..sampling import REPETITION_PENALTY, SEED_RANGE
-from .protocol import FUNCTION_NAME, Bias, Int, _Body
+from .protocol import FUNCTION_NAME, Bias, Int, Pin, _Body
 
 MAX_ITEMS = 10_000
 
@@ -130,6 +130,7 @@ class ResponseRequest(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Bias] | None = None
+    pin: Pin = None
 
     @model_validator(mode="after")
     def _check(self):

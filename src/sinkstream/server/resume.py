@@ -14,6 +14,12 @@ Every request is matched message by message against what the server kept (``hist
   when nothing kept covers it, the request's history is streamed afresh into the session
   (``restarted``). A session's first request may resume a kept turn like a request without one.
 
+A conversation's beginning (its system prompt, its tools, the pin chosen for it, see ``pinning``) is
+part of what is matched: a request whose beginning differs matches nothing kept before it. A session
+whose next messages bring a new system prompt, or other tools, is ``restarted``: its transcript, with
+the new beginning, is streamed afresh into a cache that pins it (never the old prefix with new
+messages); the same system prompt again is not a new message.
+
 So a turn is never fed twice, and a client pays for its new messages only wherever the server kept
 the turn before them.
 """
@@ -26,6 +32,14 @@ from dataclasses import dataclass
 from ..chat import Conversation
 from . import history
 from .store import Session, SessionStore
+
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+def _as_returned(message: dict) -> dict:
+    """A kept message as its client holds it (an answer's text as it was returned)."""
+    return {**message, "content": message.get("shown", message["content"])}
 
 
 @dataclass
@@ -41,11 +55,12 @@ class Resumer:
     def __init__(self, store: SessionStore, scope: str):
         self.store, self.scope = store, scope  # scope: the model and cache configuration (``history.root``)
 
-    def plan(self, msgs: list[dict], tools: Sequence[dict] | None, session: Session | None) -> Start:
-        digests = history.chain(tools, self.scope, msgs)
+    def plan(self, msgs: list[dict], tools: Sequence[dict] | None, session: Session | None, pin="auto") -> Start:
+        scope = self.scope if pin == "auto" else f"{self.scope}/pin:{pin}"  # states made with another pin differ
+        digests = history.chain(tools, scope, msgs)
         answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if session is not None and not session.new:
-            return self._in_session(session, msgs, digests, answers, tools)
+            return self._in_session(session, msgs, digests, answers, tools, scope)
         state = session if session is not None else Session(None, Conversation(), None)
         found = self._deepest(digests, answers)
         if found is None:
@@ -57,16 +72,12 @@ class Resumer:
             session.go_back(kept)
         return Start(state, msgs[index + 1 :], digests[index + 1 :], "resumed", state.tokens_seen)
 
-    def _in_session(self, session: Session, msgs, digests, answers, tools) -> Start:
+    def _in_session(self, session: Session, msgs, digests, answers, tools, scope: str) -> Start:
         if not answers and self._asks_first_turn_again(session, digests):
             session.go_back(None)  # a regenerate of the only turn there is: its question again, no answer
             return self._fresh(session, msgs, digests, "restarted")
         if not answers:  # only new messages: the session's next turn, as sessions always took them
-            prev = session.digests[-1] if session.digests else history.root(tools, self.scope)
-            new_digests = (
-                history.extend(prev, msgs) if len(session.digests) == len(session.conversation.messages) else []
-            )
-            return Start(session, msgs, new_digests, "appended", 0)
+            return self._appended(session, msgs, tools, scope)
         n = len(session.digests)
         if n and len(session.conversation.messages) == n and len(msgs) >= n and digests[n - 1] == session.digests[-1]:
             return Start(session, msgs[n:], digests[n:], "continued", session.tokens_seen)
@@ -77,6 +88,31 @@ class Resumer:
         index, kept = found
         session.go_back(kept)
         return Start(session, msgs[index + 1 :], digests[index + 1 :], "branched", session.tokens_seen)
+
+    def _appended(self, session: Session, msgs: list[dict], tools, scope: str) -> Start:
+        """The session's next messages; a new system prompt or other tools among them restart it."""
+        conv = session.conversation
+        system = [m for m in msgs if m["role"] in SYSTEM_ROLES]
+        rest = [m for m in msgs if m["role"] not in SYSTEM_ROLES]
+        same_system = all(history.client_form(m)["content"] == (conv.system or "").strip() for m in system)
+        if not (same_system and self._same_beginning(session, tools, scope)):
+            head = system[-1:] or [m for m in conv.messages[:1] if m["role"] in SYSTEM_ROLES]
+            full = head + [dict(m) for m in conv.messages if m["role"] not in SYSTEM_ROLES] + rest
+            session.go_back(None)
+            return self._fresh(session, full, history.chain(tools, scope, [_as_returned(m) for m in full]), "restarted")
+        msgs = rest if system else msgs  # the same system prompt again is not a new message
+        fed = len(session.digests) == len(conv.messages)
+        prev = session.digests[-1] if session.digests else history.root(tools, scope)
+        return Start(session, msgs, history.extend(prev, msgs) if fed else [], "appended", 0)
+
+    @staticmethod
+    def _same_beginning(session: Session, tools, scope: str) -> bool:
+        """The request's tools and pin are those the session started with (its first digest covers them; a
+        session without digests is taken as it is)."""
+        messages = session.conversation.messages
+        if not messages or len(session.digests) != len(messages):
+            return True
+        return history.extend(history.root(tools, scope), messages[:1])[0] == session.digests[0]
 
     @staticmethod
     def _asks_first_turn_again(session: Session, digests: list[str]) -> bool:

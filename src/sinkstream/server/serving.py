@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 
 import torch
@@ -18,6 +19,7 @@ from jinja2 import TemplateError
 
 from ..cache import SinkCache
 from ..grammar import Constraint, GrammarError, Grammars
+from ..pinning import choose, prefix_name, prefix_tokens
 from ..sampling import SamplingParams
 from ..tools import CallStream, call_schema, parse_calls
 from . import protocol as P
@@ -30,6 +32,7 @@ from .turns import Turn, Turns, TurnStream, raise_failed
 from .worker import Job
 
 DONE = "data: [DONE]\n\n"
+log = logging.getLogger("sinkstream.server")
 
 
 class RequestChecks:
@@ -59,6 +62,15 @@ class RequestChecks:
             msg = "x-session-id must be 1-128 letters, digits or _.:- characters"
             raise ApiError(400, msg, code="invalid_request", param="x-session-id")
         return sid
+
+    def pin(self, req) -> str | int:
+        """The request's pin (``pinning``), else the server's; a number must leave a window."""
+        pin = req.pin if req.pin is not None else self.config.pin
+        total = self.config.n_sink + self.config.window
+        if isinstance(pin, int) and pin >= total:
+            msg = f"pin {pin} leaves no window in this server's {total}-token cache"
+            raise ApiError(400, msg, code="invalid_value", param="pin")
+        return pin
 
     def length(self, n: int) -> None:
         limit = self.config.max_request_tokens
@@ -111,9 +123,10 @@ class RequestChecks:
             ) from None
         return None
 
-    def new_cache(self) -> SinkCache:
+    def new_cache(self, pin: int | None = None) -> SinkCache:
+        """An empty cache whose stream keeps its first ``pin`` tokens (default: the sinks)."""
         c = self.config
-        return SinkCache(c.n_sink, c.window, config=self.model_config, kv_dtype=self.kv_dtype)
+        return SinkCache(c.n_sink, c.window, config=self.model_config, kv_dtype=self.kv_dtype, pin=pin)
 
 
 def sse(obj) -> str:
@@ -139,6 +152,16 @@ class ChatServing:
     def __init__(self, turns: Turns, checks: RequestChecks, tokenizer, model_name: str, resumer: Resumer):
         self.turns, self.checks, self.tokenizer, self.model_name = turns, checks, tokenizer, model_name
         self.resumer = resumer
+        self.warned = False  # the log said once what ``auto`` could not pin
+
+    def _pin(self, conv, ids: list[int], pin: str | int) -> int:
+        """The sinks of a conversation that starts with ``ids``: its pinned prefix (``pinning.choose``)."""
+        c = self.checks.config
+        chosen = choose(prefix_tokens(self.tokenizer, conv, ids), c.n_sink, c.window, pin, prefix_name(conv.tools))
+        if chosen.warning and not self.warned:
+            log.warning("%s (said once)", chosen.warning)
+            self.warned = True
+        return chosen.tokens
 
     async def create(self, req: P.ChatCompletionRequest, request: Request):
         self.checks.model(req.model)
@@ -195,12 +218,12 @@ class ChatServing:
     async def _turn(self, req, params, bias, msgs: list[dict], tools, session: Session | None) -> Turn:
         """The turn's job: the state the request goes on from (``resume``: a kept turn it matches, its
         session, or nothing) and the request's messages after it, rendered and fed."""
-        start = await off_loop(self.resumer.plan, msgs, tools, session)
+        pin = self.checks.pin(req)
+        start = await off_loop(self.resumer.plan, msgs, tools, session, pin)
         state = start.state
         conv = state.conversation
         conv.tools = tools
-        cache = state.cache or self.checks.new_cache()
-        state.cache = None  # the job owns it now (one copy in memory); the commit brings the new one
+        cache, state.cache = state.cache, None  # the job owns it now (one copy in memory); the commit brings it back
         state.mark()
         before = len(conv.messages)
         try:
@@ -212,6 +235,8 @@ class ChatServing:
         if not ids:
             raise ApiError(400, "the messages add nothing to the conversation", param="messages")
         self.checks.length(len(ids))
+        if cache is None:  # the conversation starts here: its beginning decides its pinned prefix
+            cache = self.checks.new_cache(await off_loop(self._pin, conv, ids, pin))
         self.turns.metrics.resumed(start.mode, start.cached_tokens)
         events = AsyncEvents(asyncio.get_running_loop())
         job = Job(ids, params, cache, events=events, top_logprobs=req.want_logprobs, logit_bias=bias)

@@ -225,7 +225,7 @@ class SessionStore:
         if session.id is not None:
             first = 0 if session.rewrite else messages_before
             row = SessionRow(session.id, session.created, now, conv.turns, cache.tokens_seen, cache.tokens_cached,
-                             name, conv.system)  # fmt: skip
+                             name, conv.system, cache.pins[0])  # fmt: skip
             messages = [self._message_row(session, i, session.rewrite) for i in range(first, len(conv.messages))]
         done = self.records.commit(row, messages, turn, rewrite=session.rewrite, retention=self.retention)
         session.snapshot, session.rewrite = name, False
@@ -293,6 +293,7 @@ class SessionStore:
             "turns": row.turns,
             "tokens_seen": row.tokens_seen,
             "tokens_cached": row.tokens_cached,
+            "tokens_pinned": row.pinned if row.pinned is not None else self.n_sink,
             "cache_capacity": self.n_sink + self.window,
             "created": int(row.created),
             "updated": int(row.updated),

@@ -169,6 +169,7 @@ class Turns:
                 id=turn.session.id,
                 tokens_seen=job.cache.tokens_seen,
                 tokens_cached=job.cache.tokens_cached,
+                tokens_pinned=job.cache.pins[0],
                 turns=turn.session.turns,
                 cache_capacity=self.cache_capacity,
                 mode=turn.mode,

@@ -56,7 +56,7 @@ class Job:
 
 class Worker:
     def __init__(
-        self, model, tokenizer, *, prefill_chunk: int, max_batch: int = 16, metrics=None, decode: str = "auto"
+        self, model, tokenizer, *, prefill_chunk: int | None = None, max_batch: int = 16, metrics=None, decode: str = "auto"
     ):
         self.model, self.tokenizer = model, tokenizer
         self.fused = select_decoder(model, decode)  # one-token steps (batched decode, 1-token chunks)
@@ -153,7 +153,8 @@ class Worker:
 
     def _prefill_chunk(self, job: Job) -> None:
         if job.fed < len(job.ids):
-            chunk = job.ids[job.fed : job.fed + self.prefill_chunk]
+            n = job.cache.prefill_chunk(self.prefill_chunk)  # half the row's window, unless configured
+            chunk = job.ids[job.fed : job.fed + n]
             x = torch.tensor([chunk], device=self.device)
             t0 = time.perf_counter()
             job.logits = forward_stream(self.model, job.cache, x, fused=self.fused)[0]
