@@ -326,7 +326,9 @@ def test_server_rows_with_different_pins_decode_together(model_dir, tmp_path):
         for t in threads:
             t.join()
         assert [r["session"]["tokens_pinned"] for r in together] == [_head(systems[0]), _head(systems[1]), 4, 9]
-        assert _metric(srv, "sinkstream_decode_rows_total") - rows > _metric(srv, "sinkstream_decode_steps_total") - steps
+        assert (
+            _metric(srv, "sinkstream_decode_rows_total") - rows > _metric(srv, "sinkstream_decode_steps_total") - steps
+        )
         for a, b in zip(together, alone):  # a batch's matmuls round otherwise than one row's
             assert [t for t, _ in _lp(a)] == [t for t, _ in _lp(b)]
             assert max(abs(x - y) for (_, x), (_, y) in zip(_lp(a), _lp(b))) < 1e-4

@@ -95,7 +95,6 @@ def run(args) -> int:
     constraint = make() if make else None
     if args.chat:
         from ..chat import ChatSession
-
         from .chat import warn
 
         pieces = ChatSession(engine, pin=args.pin, on_warning=warn).send(args.prompt, params, constraint)

@@ -33,7 +33,6 @@ from ..chat import Conversation
 from . import history
 from .store import Session, SessionStore
 
-
 SYSTEM_ROLES = ("system", "developer")
 
 

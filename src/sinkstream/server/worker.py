@@ -56,7 +56,14 @@ class Job:
 
 class Worker:
     def __init__(
-        self, model, tokenizer, *, prefill_chunk: int | None = None, max_batch: int = 16, metrics=None, decode: str = "auto"
+        self,
+        model,
+        tokenizer,
+        *,
+        prefill_chunk: int | None = None,
+        max_batch: int = 16,
+        metrics=None,
+        decode: str = "auto",
     ):
         self.model, self.tokenizer = model, tokenizer
         self.fused = select_decoder(model, decode)  # one-token steps (batched decode, 1-token chunks)
