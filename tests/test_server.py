@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import sqlite3
 import threading
 import time
@@ -151,6 +152,22 @@ def test_restart_continues_exactly(model_dir, tmp_path, request, store):
         assert srv.request("GET", "/v1/sessions/r")[1]["turns"] == 4
     finally:
         srv.stop()
+
+
+def test_sigint_stops_a_server_started_with_sigint_ignored(model_dir, tmp_path):
+    """A background job of a script inherits SIGINT ignored; the server still stops on it, gracefully."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the child inherits through exec
+    try:
+        srv = Server(model_dir, tmp_path / "state").start()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        chat(client(srv), "s", "hello", max_tokens=4)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGINT)
+        assert srv.proc.wait(timeout=20) == 0 and time.monotonic() - t0 < 20
+    finally:
+        srv.kill()
 
 
 def test_kill9_rolls_back_interrupted_turn(model_dir, tmp_path):

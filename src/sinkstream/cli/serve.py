@@ -273,14 +273,16 @@ def run(args) -> int:
 
 def serve_http_beside(server, worker) -> int:
     """Serve HTTP from a thread while this (the main) thread runs the model's worker, where OpenMP starts
-    the kernels' parallel loops fastest (``server.worker``). SIGINT and SIGTERM stop both gracefully; if
-    the HTTP server ends on its own (it could not bind its port, say), so does the worker."""
+    the kernels' parallel loops fastest (``server.worker``). SIGINT and SIGTERM stop both gracefully, also
+    where the server was started with SIGINT ignored (a background job of a script, as uvicorn handles it
+    too); if the HTTP server ends on its own (it could not bind its port, say), so does the worker."""
     http = threading.Thread(target=server.run, name="sinkstream-http", daemon=True)
 
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     http.start()
     try:
         worker.run(until=lambda: not http.is_alive())
