@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import SinkCache
+from .cache.sink_cache import chunk_for
 from .cpu_matmul import fast_cpu_matmul
 from .decoding import DecodeBatch, RowState, eos_ids
 from .fused import FusedDecoder, select_decoder
@@ -117,9 +118,7 @@ class Engine:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.n_sink, self.window = n_sink, window
-        # a chunk evicts its own length before it is attended; half a window keeps >= window/2 context
-        self.max_chunk = prefill_chunk
-        self.prefill_chunk = min(prefill_chunk or max(1, window // 2), window)
+        self.max_chunk = prefill_chunk  # the configured chunk (None: half the stream's window, ``reset``)
         self.pin = pin  # the sinks of new streams (``SinkCache(pin=)``; None: n_sink)
         self.rebase = rebase and not dense
         self.dense = dense  # a plain growing cache instead (the baseline that breaks)
@@ -139,6 +138,7 @@ class Engine:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=self.model.config)
+            self.prefill_chunk = chunk_for(self.window, self.max_chunk)
         else:
             self.cache = SinkCache(self.n_sink, self.window, config=self.model.config, kv_dtype=self.kv_dtype, pin=pin)
             self.prefill_chunk = self.cache.prefill_chunk(self.max_chunk)

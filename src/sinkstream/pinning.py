@@ -31,6 +31,12 @@ def parse_pin(value) -> str | int:
     return n
 
 
+def check_pin(pin, total: int) -> None:
+    """A number of pinned tokens must leave a window in a cache of ``total`` slots; ValueError otherwise."""
+    if isinstance(pin, int) and not isinstance(pin, bool) and pin >= total:
+        raise ValueError(f"pin {pin} leaves no window in a {total}-token cache")
+
+
 @dataclass(frozen=True)
 class Pin:
     tokens: int  # the stream's sinks: its first ``tokens`` tokens
@@ -50,8 +56,7 @@ def choose(prefix: int, n_sink: int, window: int, mode: str | int, what: str = "
         return Pin(n_sink, f"{what}: {prefix} tokens, more than a quarter of the {total}-token cache: not "
                            f"pinned, only the {n_sink} first tokens stay (the sinks); to pin them set {fix}")  # fmt: skip
     tokens = max(n_sink, min(prefix, int(mode)))
-    if tokens >= total:
-        raise ValueError(f"--pin {mode}: {tokens} pinned tokens leave no window in a {total}-token cache")
+    check_pin(tokens, total)
     return Pin(tokens)
 
 

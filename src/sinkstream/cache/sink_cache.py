@@ -20,6 +20,13 @@ def _layout(kind: str, n_sink: int, window: int, config, n_layers: int, kv_dtype
     return LAYOUTS[kind](n_sink, window, rope, n_layers, kv_dtype, pin)
 
 
+def chunk_for(window: int, most: int | None = None) -> int:
+    """The most tokens to feed one stream in one forward: a chunk evicts its own length before it is
+    attended, so half the window keeps at least that much context; ``most`` (a configured chunk)
+    instead, at most the whole window."""
+    return min(most or max(1, window // 2), window)
+
+
 def _slots(t: torch.Tensor, cap: int) -> torch.Tensor:
     """``t`` [..., slots, D] with ``cap`` slots (zeros added at the end)."""
     return torch.nn.functional.pad(t, (0, 0, 0, cap - t.shape[-2])) if t.shape[-2] < cap else t
@@ -171,11 +178,9 @@ class SinkCache(Cache):
         return [r.pin for r in self.main.rows] if self.main.rows else [self.main.pin]
 
     def prefill_chunk(self, most: int | None = None) -> int:
-        """The most tokens to feed a one-row stream in one forward: a chunk evicts its own length before
-        it is attended, so half of the row's window (what its sinks leave of the cache) keeps at least
-        that much context; ``most`` (a configured chunk) instead, at most the whole window."""
-        window = self.n_sink + self.window - self.pins[0]
-        return min(most or max(1, window // 2), window)
+        """The most tokens to feed a one-row stream in one forward (``chunk_for`` the row's window: what
+        its sinks leave of the cache)."""
+        return chunk_for(self.n_sink + self.window - self.pins[0], most)
 
     @property
     def tokens_cached(self) -> int:

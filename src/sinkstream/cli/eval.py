@@ -17,6 +17,7 @@ from .options import (
     add_eval_outputs,
     add_text_source,
     check_cache_options,
+    check_pin,
     finish,
     int_list,
     kv_dtype,
@@ -127,8 +128,8 @@ def validate(args) -> None:
         raise UsageError(f"--sink ({args.sink}) must be <= --window ({args.window})")
     if getattr(args, "book", None) is not None and getattr(args, "corpus", None) is None:
         raise UsageError("--book needs --corpus gutenberg")
-    if isinstance(getattr(args, "pin", None), int) and args.pin >= args.sink + args.window:
-        raise UsageError(f"--pin {args.pin} leaves no window in a {args.sink + args.window}-token cache")
+    if hasattr(args, "pin"):
+        check_pin(args)
     if args.eval_command == "facts":
         for name, least in (("turns", 1), ("every", 1), ("max_new_tokens", 1), ("answer_tokens", 1)):
             if getattr(args, name) < least:

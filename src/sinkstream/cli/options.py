@@ -59,9 +59,12 @@ def add_pin(p: argparse.ArgumentParser, what: str) -> None:
 
 def check_pin(args) -> None:
     """A number of pinned tokens leaves room for a window."""
-    total = args.sink + args.window
-    if isinstance(args.pin, int) and args.pin >= total:
-        raise UsageError(f"--pin {args.pin} leaves no window in a {total}-token cache (--sink + --window)")
+    from ..pinning import check_pin as leaves_a_window
+
+    try:
+        leaves_a_window(args.pin, args.sink + args.window)
+    except ValueError as e:
+        raise UsageError(f"--{e} (--sink + --window)") from None
 
 
 def add_text_source(p: argparse.ArgumentParser, required: bool) -> None:

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..grammar import Grammars
 from ..models import load_model
-from ..pinning import parse_pin
+from ..pinning import check_pin, parse_pin
 from . import openapi
 from .conversations import ConversationsServing
 from .errors import install_error_handlers
@@ -99,9 +99,7 @@ class ServerConfig:
             raise ValueError("sink, max-sessions and max-queue must be >= 0")
         if not (self.session_wait_s >= 0 and self.session_queue >= 1):  # NaN fails too
             raise ValueError("session-wait must be >= 0 and session-queue >= 1")
-        parse_pin(self.pin)
-        if isinstance(self.pin, int) and self.pin >= self.n_sink + self.window:
-            raise ValueError(f"pin {self.pin} leaves no window in a {self.n_sink + self.window}-token cache")
+        check_pin(parse_pin(self.pin), self.n_sink + self.window)
         if self.keep_turns < 1 or not (self.turns_disk_mb >= 0 and self.turns_memory_mb >= 0):
             raise ValueError("keep-turns must be >= 1, turns-disk-mb and turns-memory-mb >= 0")
 

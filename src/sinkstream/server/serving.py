@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 
 from ..cache import SinkCache
 from ..grammar import Constraint, GrammarError, Grammars
-from ..pinning import choose, prefix_name, prefix_tokens
+from ..pinning import check_pin, choose, prefix_name, prefix_tokens
 from ..sampling import SamplingParams
 from ..tools import CallStream, call_schema, parse_calls
 from . import protocol as P
@@ -66,10 +66,10 @@ class RequestChecks:
     def pin(self, req) -> str | int:
         """The request's pin (``pinning``), else the server's; a number must leave a window."""
         pin = req.pin if req.pin is not None else self.config.pin
-        total = self.config.n_sink + self.config.window
-        if isinstance(pin, int) and pin >= total:
-            msg = f"pin {pin} leaves no window in this server's {total}-token cache"
-            raise ApiError(400, msg, code="invalid_value", param="pin")
+        try:
+            check_pin(pin, self.config.n_sink + self.config.window)
+        except ValueError as e:
+            raise ApiError(400, f"{e} (the server's cache)", code="invalid_value", param="pin") from None
         return pin
 
     def length(self, n: int) -> None:
